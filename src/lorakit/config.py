@@ -1,0 +1,263 @@
+"""Typed configuration: code defaults < YAML file < `--set key.sub=value` overrides.
+
+The whole resolved config is validated at once; every problem is reported together, each naming
+the key, the bad value and a fix. Unknown keys are errors with a "did you mean" suggestion.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(Section):
+    """Fractions of the records that go to each split (they must sum to 1)."""
+
+    train: float = Field(0.9, ge=0, le=1)
+    validation: float = Field(0.05, ge=0, le=1)
+    test: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self):
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions sum to {total:g}; make train + validation + test = 1")
+        return self
+
+
+class DataConfig(Section):
+    path: str = Field(..., description="Training data: a file (JSON, JSONL, CSV, TSV, Parquet), a save_to_disk folder, or a hub name.")
+    format: Literal[
+        "auto", "squad", "squad_flat", "qa", "faq", "alpaca", "sharegpt", "messages", "columns"
+    ] = "auto"
+    column_map: dict[str, str] = Field(default_factory=dict, description="Canonical field -> column name, e.g. {question: Q, answer: A, context: passage}.")
+    validation_path: Optional[str] = None
+    test_path: Optional[str] = None
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    split_by: Literal["auto", "context", "group", "record"] = "auto"
+    seed: int = 42
+    max_records: Optional[int] = Field(None, gt=0)
+    deduplicate: bool = True
+    no_answer: str = Field("unanswerable", min_length=1, description="Target text for unanswerable questions (SQuAD 2.0).")
+    hub_split: str = "train"
+
+
+class TemplateConfig(Section):
+    name: str = Field("auto", description="auto, chat (model's own), human_assistant, question_answer, alpaca, context_qa, or custom.")
+    custom: Optional[str] = Field(None, description="Jinja template text (used when name is custom).")
+    system_prompt: Optional[str] = None
+    train_on_prompt: bool = False
+    max_length: int = Field(1024, ge=16)
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(..., description="Hub id, local folder, or local .gguf file.")
+    gguf_file: Optional[str] = None
+    revision: Optional[str] = None
+    task_type: Literal["auto", "causal", "seq2seq"] = "auto"
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    trust_remote_code: bool = False
+    attn_implementation: Optional[str] = None
+    device_map: Optional[str] = None
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[Literal["auto", "all-linear"], list[str]] = "auto"
+    use_dora: bool = False
+    use_rslora: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class TrainConfig(Section):
+    output_dir: str = "runs"
+    run_name: Optional[str] = None
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1
+    micro_batch_size: int = Field(8, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: str = "adamw_torch"
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    logging_steps: int = Field(10, ge=1)
+    eval_every: Optional[int] = Field(None, ge=1, description="Validation loss every N steps (None: once per epoch).")
+    save_every: Optional[int] = Field(None, ge=1, description="Checkpoint every N steps (None: once per epoch).")
+    save_total_limit: int = Field(3, ge=1)
+    best_metric: Optional[str] = Field("eval_loss", description="Metric that picks the best checkpoint (eval_loss, eval_f1, ...).")
+    early_stopping_patience: Optional[int] = Field(None, ge=1)
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    report_to: list[str] = Field(default_factory=list, description="tensorboard, wandb, mlflow.")
+    generation_eval_every: Optional[int] = Field(None, ge=1, description="Generate on a validation subset every N steps and log EM/F1.")
+    generation_eval_examples: int = Field(32, ge=1)
+    auto_fit: bool = False
+    overwrite: bool = False
+
+
+class EvalConfig(Section):
+    split: Literal["train", "validation", "test"] = "test"
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_examples: Optional[int] = Field(None, ge=1)
+    bleu_tokenize: str = Field("auto", description="sacreBLEU tokenizer: auto, 13a, intl, char, zh, ...")
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: Optional[str] = None
+    max_tokens_limit: int = Field(512, ge=1)
+    max_batch_size: int = Field(8, ge=1)
+
+
+class LorakitConfig(Section):
+    data: DataConfig
+    model: ModelConfig
+    template: TemplateConfig = Field(default_factory=TemplateConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """`key.sub=value` strings -> (key, value); values are parsed as YAML (numbers, lists, true)."""
+    parsed = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(
+                f"--set '{item}' has no '='.", hint="write --set section.key=value, e.g. --set train.epochs=2"
+            )
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names valid at `loc` (a pydantic error location), for "did you mean"."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            current = annotation
+        else:
+            return []
+    return list(getattr(current, "model_fields", {}).keys())
+
+
+def _describe(err: dict, model: type[BaseModel]) -> str:
+    loc = tuple(p for p in err["loc"] if not isinstance(p, int) or True)
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(model, loc)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        suggestion = f" Did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else ""
+        return f"{key}: unknown key.{suggestion} Valid keys here: {', '.join(known)}."
+    if err["type"] == "missing":
+        return f"{key}: required but missing. Add it to the config or pass --set {key}=..."
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "{...}"
+    return f"{key}: {err['msg']} (got {shown})."
+
+
+def validate_config(tree: dict, source: str = "config") -> LorakitConfig:
+    """Validate a raw config tree, reporting every problem at once."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (data, model, ...).")
+    try:
+        return LorakitConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = [_describe(err, LorakitConfig) for err in exc.errors()]
+        listing = "; ".join(problems)
+        raise ConfigError(
+            f"{source}: {len(problems)} problem(s): {listing}", problems=problems
+        ) from None
+
+
+def load_config_tree(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+    """Read YAML and apply overrides, without validating."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist.", hint="check the path, or start from one in examples/")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}.", hint="fix the YAML syntax there") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, ...).")
+        tree = loaded
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> LorakitConfig:
+    """Load a YAML config, apply `--set` overrides, validate everything at once.
+
+    Relative data paths are resolved against the config file's folder when they exist there.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or any key or value is invalid.
+    """
+    tree = load_config_tree(path, overrides)
+    config = validate_config(tree, source=str(path) if path else "config")
+    if path is not None:
+        base = Path(path).resolve().parent
+        for attr in ("path", "validation_path", "test_path"):
+            value = getattr(config.data, attr)
+            if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
+                setattr(config.data, attr, str(base / value))
+    return config
