@@ -23,9 +23,9 @@ class Section(BaseModel):
 class SplitConfig(Section):
     """Fractions of the records that go to each split (they must sum to 1)."""
 
-    train: float = Field(0.9, ge=0, le=1)
-    validation: float = Field(0.05, ge=0, le=1)
-    test: float = Field(0.05, ge=0, le=1)
+    train: float = Field(0.9, ge=0, le=1, description="Fraction of records for training.")
+    validation: float = Field(0.05, ge=0, le=1, description="Fraction for validation (loss during training).")
+    test: float = Field(0.05, ge=0, le=1, description="Fraction held out for `lorakit eval`.")
 
     @model_validator(mode="after")
     def _sum_to_one(self):
@@ -39,94 +39,94 @@ class DataConfig(Section):
     path: str = Field(..., description="Training data: a file (JSON, JSONL, CSV, TSV, Parquet), a save_to_disk folder, or a hub name.")
     format: Literal[
         "auto", "squad", "squad_flat", "qa", "faq", "alpaca", "sharegpt", "messages", "columns"
-    ] = "auto"
+    ] = Field("auto", description="Input format; auto detects it and says which it found.")
     column_map: dict[str, str] = Field(default_factory=dict, description="Canonical field -> column name, e.g. {question: Q, answer: A, context: passage}.")
-    validation_path: Optional[str] = None
-    test_path: Optional[str] = None
+    validation_path: Optional[str] = Field(None, description="An explicit validation file (replaces the ratio split for validation).")
+    test_path: Optional[str] = Field(None, description="An explicit test file (replaces the ratio split for test).")
     split: SplitConfig = Field(default_factory=SplitConfig)
-    split_by: Literal["auto", "context", "group", "record"] = "auto"
-    seed: int = 42
-    max_records: Optional[int] = Field(None, gt=0)
-    deduplicate: bool = True
+    split_by: Literal["auto", "context", "group", "record"] = Field("auto", description="auto keeps records of one passage/article in one split when the data has passages.")
+    seed: int = Field(42, description="Seed of the train/validation/test split.")
+    max_records: Optional[int] = Field(None, gt=0, description="Use at most this many records (after cleaning).")
+    deduplicate: bool = Field(True, description="Drop exact duplicate records (reported).")
     no_answer: str = Field("unanswerable", min_length=1, description="Target text for unanswerable questions (SQuAD 2.0).")
-    hub_split: str = "train"
+    hub_split: str = Field("train", description="Split to read when data.path is a hub dataset name.")
 
 
 class TemplateConfig(Section):
     name: str = Field("auto", description="auto, chat (model's own), human_assistant, question_answer, alpaca, context_qa, or custom.")
     custom: Optional[str] = Field(None, description="Jinja template text (used when name is custom).")
-    system_prompt: Optional[str] = None
-    train_on_prompt: bool = False
-    max_length: int = Field(1024, ge=16)
+    system_prompt: Optional[str] = Field(None, description="A system prompt rendered into every example (stored with the run).")
+    train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: completion only).")
+    max_length: int = Field(1024, ge=16, description="Token limit per example; the context is shortened first, the answer never cut.")
 
 
 class ModelConfig(Section):
     name_or_path: str = Field(..., description="Hub id, local folder, or local .gguf file.")
-    gguf_file: Optional[str] = None
-    revision: Optional[str] = None
-    task_type: Literal["auto", "causal", "seq2seq"] = "auto"
-    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantization: Literal["none", "4bit", "8bit"] = "none"
-    trust_remote_code: bool = False
-    attn_implementation: Optional[str] = None
-    device_map: Optional[str] = None
+    gguf_file: Optional[str] = Field(None, description="GGUF file name inside name_or_path (a folder).")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
+    task_type: Literal["auto", "causal", "seq2seq"] = Field("auto", description="auto reads it from the model config (encoder-decoder -> seq2seq).")
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: float32 on CPU, bf16 on GPUs that have it, fp16 + float32 master weights otherwise (T4).")
+    quantization: Literal["none", "4bit", "8bit"] = Field("none", description="4bit = QLoRA (NF4, double quantization); needs a CUDA GPU and bitsandbytes.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+    attn_implementation: Optional[str] = Field(None, description="eager, sdpa or flash_attention_2 (None: transformers chooses).")
+    device_map: Optional[str] = Field(None, description="auto spreads a model that does not fit one GPU over all visible GPUs.")
 
 
 class LoraConfig(Section):
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Union[Literal["auto", "all-linear"], list[str]] = "auto"
-    use_dora: bool = False
-    use_rslora: bool = False
-    bias: Literal["none", "all", "lora_only"] = "none"
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Union[Literal["auto", "all-linear"], list[str]] = Field("auto", description="auto: the family's attention projections (q_proj/v_proj, q/v for T5); all-linear; or a list.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
 
 
 class TrainConfig(Section):
-    output_dir: str = "runs"
-    run_name: Optional[str] = None
-    epochs: float = Field(3.0, gt=0)
-    max_steps: int = -1
-    micro_batch_size: int = Field(8, ge=1)
-    gradient_accumulation: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-4, gt=0)
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    optimizer: str = "adamw_torch"
-    max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 42
-    logging_steps: int = Field(10, ge=1)
+    output_dir: str = Field("runs", description="Parent folder of run folders.")
+    run_name: Optional[str] = Field(None, description="Run folder name (default: derived from the config file and model).")
+    epochs: float = Field(3.0, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps; -1 means use epochs.")
+    micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name: cosine, linear, constant, ...")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    optimizer: str = Field("adamw_torch", description="transformers optimizer name: adamw_torch, adamw_8bit, paged_adamw_8bit, ...")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(42, description="Training seed (initialisation, shuffling, dropout).")
+    logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and tokens/s every N steps.")
     eval_every: Optional[int] = Field(None, ge=1, description="Validation loss every N steps (None: once per epoch).")
     save_every: Optional[int] = Field(None, ge=1, description="Checkpoint every N steps (None: once per epoch).")
-    save_total_limit: int = Field(3, ge=1)
+    save_total_limit: int = Field(3, ge=1, description="Checkpoints kept (the best one is always kept).")
     best_metric: Optional[str] = Field("eval_loss", description="Metric that picks the best checkpoint (eval_loss, eval_f1, ...).")
-    early_stopping_patience: Optional[int] = Field(None, ge=1)
-    gradient_checkpointing: bool = False
-    group_by_length: bool = True
+    early_stopping_patience: Optional[int] = Field(None, ge=1, description="Stop after N evaluations without improvement of best_metric.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
     report_to: list[str] = Field(default_factory=list, description="tensorboard, wandb, mlflow.")
     generation_eval_every: Optional[int] = Field(None, ge=1, description="Generate on a validation subset every N steps and log EM/F1.")
-    generation_eval_examples: int = Field(32, ge=1)
-    auto_fit: bool = False
-    overwrite: bool = False
+    generation_eval_examples: int = Field(32, ge=1, description="Validation examples used by generation_eval_every.")
+    auto_fit: bool = Field(False, description="Pick micro-batch, accumulation, checkpointing to fit the device (see lorakit plan --fit).")
+    overwrite: bool = Field(False, description="Allow training into a run folder that already holds a finished adapter.")
 
 
 class EvalConfig(Section):
-    split: Literal["train", "validation", "test"] = "test"
-    max_new_tokens: int = Field(64, ge=1)
-    batch_size: int = Field(16, ge=1)
-    temperature: float = Field(0.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_examples: Optional[int] = Field(None, ge=1)
+    split: Literal["train", "validation", "test"] = Field("test", description="Which split of the run's data lorakit eval scores.")
+    max_new_tokens: int = Field(64, ge=1, description="Generation limit per answer.")
+    batch_size: int = Field(16, ge=1, description="Questions generated together (batched, left-padded).")
+    temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with temperature > 0).")
+    max_examples: Optional[int] = Field(None, ge=1, description="Score at most this many examples.")
     bleu_tokenize: str = Field("auto", description="sacreBLEU tokenizer: auto, 13a, intl, char, zh, ...")
 
 
 class ServeConfig(Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    api_key: Optional[str] = None
-    max_tokens_limit: int = Field(512, ge=1)
-    max_batch_size: int = Field(8, ge=1)
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    api_key: Optional[str] = Field(None, description="Require this bearer token (or set LORAKIT_API_KEY).")
+    max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
+    max_batch_size: int = Field(8, ge=1, description="Requests generated together.")
 
 
 class LorakitConfig(Section):

@@ -1,0 +1,216 @@
+"""The `lorakit` command line: maps sub-commands to library functions, nothing more.
+
+This is the only place that catches `LorakitError`: it prints one line (and the fix) and exits
+non-zero, so a user mistake never shows a Python traceback. Heavy imports happen inside each
+command so that `lorakit --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import ConfigError, LorakitError
+
+app = typer.Typer(
+    name="lorakit",
+    help="Fine-tune language models with LoRA/QLoRA for QA and chat, evaluate honestly, merge and serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Look at a dataset the way training will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+SET_HELP = "Override a config value: --set section.key=value (repeatable)."
+
+
+def _load(config: Path, overrides: Optional[List[str]]):
+    from .config import load_config
+
+    return load_config(config, overrides or [])
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML config file."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of the run."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes (torchrun) on this machine."),
+):
+    """Train a LoRA adapter into runs/<name>/."""
+    if nproc > 1:
+        from .distributed import launch_data_parallel
+
+        raise typer.Exit(launch_data_parallel(config, set_ or [], resume=resume, nproc=nproc))
+    cfg = _load(config, set_)  # config mistakes are reported before the heavy imports
+    from .train import train as run_training
+
+    paths = run_training(cfg, resume=resume)
+    typer.echo(f"Run folder: {paths.root}")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    config: Path = typer.Argument(..., help="YAML config file."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Counts per split, dropped records and why, token lengths, one rendered example."""
+    from .data.inspect import inspect_data
+
+    typer.echo(inspect_data(_load(config, set_)))
+
+
+@app.command("eval")
+def eval_(
+    run: Path = typer.Argument(..., help="Run folder, adapter folder or merged-model folder."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this file instead of the run's own split."),
+    split: str = typer.Option("test", "--split", help="train, validation or test (of the run's own data)."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="'base': also evaluate the base model, same template and decoding."),
+    max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1),
+):
+    """Generate answers and score them: EM/F1, ROUGE, BLEU, perplexity, never-stops rate."""
+    if compare not in (None, "base"):
+        raise ConfigError(f"--compare '{compare}' is not supported.", hint="use --compare base")
+    from .evaluate.runner import evaluate_path
+
+    evaluate_path(
+        str(run),
+        data=str(data) if data else None,
+        split=split,
+        compare_base=compare == "base",
+        max_examples=max_examples,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+@app.command()
+def score(
+    predictions: Path = typer.Argument(..., help="JSONL of {id, prediction} or an official SQuAD prediction file."),
+    data: Path = typer.Option(..., "--data", help="The dataset holding the reference answers."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for metrics.json and reports."),
+    no_answer: str = typer.Option("unanswerable", "--no-answer", help="The text that means 'no answer'."),
+):
+    """Score predictions made elsewhere against a dataset's references."""
+    from .evaluate.runner import score_predictions
+
+    score_predictions(str(predictions), str(data), out_dir=str(out) if out else None, no_answer=no_answer)
+
+
+@app.command()
+def generate(
+    run: Path = typer.Argument(..., help="Run folder, adapter folder or merged-model folder."),
+    question: str = typer.Argument(..., help="The question or instruction."),
+    context: Optional[str] = typer.Option(None, "--context", help="A passage, or a path to a text file holding one."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+):
+    """Answer one question with the run's own template."""
+    from .infer import generate_command
+
+    answer = generate_command(
+        str(run), question, context, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
+    )
+    typer.echo(answer)
+
+
+@app.command()
+def chat(
+    run: Path = typer.Argument(..., help="Run folder, adapter folder or merged-model folder."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+):
+    """Multi-turn chat in the terminal, streaming tokens as they come (/reset, /exit)."""
+    from .infer import chat_loop
+
+    chat_loop(str(run), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+
+
+@app.command()
+def merge(
+    run: Path = typer.Argument(..., help="Run folder (or adapter folder)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the merged model (must not exist or be empty)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float16, bfloat16 or float32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing merged folder."),
+):
+    """Merge the adapter into the base model, verify the logits, save safetensors + template."""
+    from .export import merge_command
+
+    merge_command(str(run), str(out), dtype=dtype, overwrite=overwrite)
+
+
+@app.command()
+def serve(
+    runs: List[str] = typer.Argument(..., help="Run or merged folders; NAME=PATH sets the model id."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LORAKIT_API_KEY", help="Require this bearer token."),
+    max_tokens_limit: int = typer.Option(512, "--max-tokens-limit", min=1),
+    max_batch_size: int = typer.Option(8, "--max-batch-size", min=1),
+):
+    """Serve runs behind an OpenAI-compatible HTTP API."""
+    from .serve import serve_command
+
+    serve_command(
+        runs, host=host, port=port, api_key=api_key, max_tokens_limit=max_tokens_limit, max_batch_size=max_batch_size
+    )
+
+
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="YAML config file."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    gpu: str = typer.Option("cpu", "--gpu", help="t4, l4, a10g, a100-40g, a100-80g, h100 or cpu."),
+    memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="Override the device memory."),
+    fit: bool = typer.Option(False, "--fit", help="Choose settings that fit the device."),
+):
+    """Predict peak memory and time before loading any weights; --fit picks settings that fit."""
+    from .plan import plan_command
+
+    plan_command(str(config), set_ or [], gpu=gpu, memory_gb=memory_gb, fit=fit)
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Where the demo run goes."),
+):
+    """Offline end to end on the CPU: SmolLM2-135M-Instruct, before/after scores on bundled QA data."""
+    from .demo import run_demo
+
+    run_demo(workdir=str(workdir))
+
+
+@app.command()
+def version():
+    """Print the lorakit version."""
+    from . import __version__
+
+    typer.echo(__version__)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: run the app, turning user mistakes into one line and a non-zero exit."""
+    try:
+        app(args=argv, prog_name="lorakit")
+    except SystemExit as exc:  # typer's standalone mode exits itself (usage errors: code 2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except LorakitError as exc:
+        message = exc.message if not exc.hint else f"{exc.message} Fix: {exc.hint}"
+        typer.echo(f"error: {message}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
