@@ -1,0 +1,58 @@
+"""`lorakit data inspect` shows the data exactly as training sees it, without loading weights."""
+
+from __future__ import annotations
+
+import json
+
+from lorakit.cli import main
+
+
+def squad_file(path, n_articles=6):
+    data = []
+    for a in range(n_articles):
+        context = f"Article {a} says the river number {a} is long and the town {a} is old."
+        qas = [
+            {"id": f"q{a}-1", "question": f"Which river is in article {a}?",
+             "answers": [{"text": f"river number {a}", "answer_start": context.index("river")}]},
+            {"id": f"q{a}-2", "question": f"What is old in article {a}?",
+             "answers": [{"text": f"the town {a}", "answer_start": context.index("the town")}]},
+        ]
+        data.append({"title": f"article-{a}", "paragraphs": [{"context": context, "qas": qas}]})
+    data[0]["paragraphs"][0]["qas"].append({"id": "empty", "question": "   ", "answers": [{"text": "x", "answer_start": 0}]})
+    path.write_text(json.dumps({"version": "1.1", "data": data}), encoding="utf-8")
+    return path
+
+
+def test_data_inspect_reports_splits_drops_lengths_and_marked_example(tmp_path, tiny_llama_dir, capsys):
+    data = squad_file(tmp_path / "squad.json")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"data:\n  path: {data}\n  split: {{train: 0.5, validation: 0.25, test: 0.25}}\n"
+        f"model:\n  name_or_path: {tiny_llama_dir}\n"
+        "template:\n  name: context_qa\n  max_length: 64\n",
+        encoding="utf-8",
+    )
+    assert main(["data", "inspect", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "format: squad (detected)" in out
+    # 12 usable questions in 6 articles of 2: whole articles go to one split
+    assert "records: train 6, validation 4, test 2" in out
+    assert "split by: group" in out
+    assert "with the context shortened to fit" in out
+    assert "dropped 1" in out  # the whitespace-only question, with its reason
+    assert "tokens per example: min" in out
+    assert "⟦" in out and "⟧" in out
+    marked = out.split("trained part in ⟦ ⟧) ---\n", 1)[1]
+    trained = marked.split("⟦", 1)[1].split("⟧", 1)[0]
+    assert trained.startswith("river number") or trained.startswith("the town")
+    assert trained.endswith("<|im_end|>")  # the EOS is trained
+
+
+def test_data_inspect_unknown_format_is_one_line(tmp_path, tiny_llama_dir, capsys):
+    data = tmp_path / "odd.json"
+    data.write_text(json.dumps([{"foo": 1, "bar": 2}]), encoding="utf-8")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"data:\n  path: {data}\nmodel:\n  name_or_path: {tiny_llama_dir}\n", encoding="utf-8")
+    assert main(["data", "inspect", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "foo" in err and "Traceback" not in err
