@@ -118,6 +118,7 @@ class EvalConfig(Section):
     temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with temperature > 0).")
     max_examples: Optional[int] = Field(None, ge=1, description="Score at most this many examples.")
+    lang: Optional[str] = Field(None, description="Language code for answer normalization (fa, bn, ...); None picks per example from the references.")
     bleu_tokenize: str = Field("auto", description="sacreBLEU tokenizer: auto, 13a, intl, char, zh, ...")
 
 
