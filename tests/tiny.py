@@ -74,6 +74,8 @@ def build_tiny_llama(out_dir: Path, *, seed: int = 0, **tokenizer_kwargs) -> Pat
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
+    with torch.no_grad():  # a std-0.02 output layer is too flat for LoRA to ever predict confidently
+        model.lm_head.weight.mul_(20.0)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)

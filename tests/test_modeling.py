@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+
+from lorakit import modeling
+from lorakit.config import LoraConfig, ModelConfig
+from lorakit.errors import ModelError
+
+
+def test_detect_task_type_from_config_and_override(tiny_llama_dir, tiny_t5_dir):
+    assert modeling.detect_task_type(ModelConfig(name_or_path=str(tiny_llama_dir))) == "causal"
+    assert modeling.detect_task_type(ModelConfig(name_or_path=str(tiny_t5_dir))) == "seq2seq"
+    forced = ModelConfig(name_or_path=str(tiny_llama_dir), task_type="seq2seq")
+    assert modeling.detect_task_type(forced) == "seq2seq"
+
+
+def test_choose_precision_per_device():
+    assert modeling.choose_precision("auto", "cpu") == (torch.float32, "float32")
+    assert modeling.choose_precision("float32", "cpu") == (torch.float32, "float32")
+    with pytest.warns(UserWarning, match="slower"):
+        assert modeling.choose_precision("bfloat16", "cpu") == (torch.bfloat16, "bfloat16")
+    with pytest.raises(ModelError, match="float16 training needs a CUDA GPU"):
+        modeling.choose_precision("float16", "cpu")
+    # a T4-like GPU without bf16: float16 mixed precision over float32 master weights
+    with mock.patch.object(torch.cuda, "is_available", return_value=True), mock.patch.object(
+        torch.cuda, "is_bf16_supported", return_value=False
+    ):
+        assert modeling.choose_precision("auto", "cuda") == (torch.float32, "float16")
+        with pytest.raises(ModelError, match="does not support"):
+            modeling.choose_precision("bfloat16", "cuda")
+    with mock.patch.object(torch.cuda, "is_available", return_value=True), mock.patch.object(
+        torch.cuda, "is_bf16_supported", return_value=True
+    ):
+        assert modeling.choose_precision("auto", "cuda:0") == (torch.bfloat16, "bfloat16")
+
+
+def test_load_tokenizer_uses_eos_as_pad_when_missing(tmp_path, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    loaded = modeling.load_tokenizer(ModelConfig(name_or_path=str(tmp_path)))
+    assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
+
+
+def test_missing_and_non_model_paths_raise_model_error(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        modeling.load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "nope")))
+    with pytest.raises(ModelError, match="no config.json"):
+        modeling.load_base_model(ModelConfig(name_or_path=str(tmp_path)), "causal")
+    with pytest.raises(ModelError, match="GGUF file"):
+        modeling.load_base_model(ModelConfig(name_or_path=str(tmp_path / "m.gguf")), "causal")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_quantization_on_cpu_fails_before_loading(tiny_llama_dir):
+    config = ModelConfig(name_or_path=str(tiny_llama_dir), quantization="4bit")
+    with mock.patch("transformers.AutoModelForCausalLM.from_pretrained") as loader:
+        with pytest.raises(ModelError, match="needs a CUDA GPU.*quantization=none"):
+            modeling.load_base_model(config, "causal")
+        loader.assert_not_called()
+
+
+def test_apply_lora_auto_targets_per_family(tiny_llama_dir, tiny_t5_dir):
+    llama = modeling.load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), "causal")
+    peft_model = modeling.apply_lora(llama, LoraConfig(r=4, alpha=8), "causal")
+    assert sorted(peft_model.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert modeling.trainable_summary(peft_model).startswith("trainable ")
+
+    t5 = modeling.load_base_model(ModelConfig(name_or_path=str(tiny_t5_dir)), "seq2seq")
+    peft_t5 = modeling.apply_lora(t5, LoraConfig(r=4), "seq2seq")
+    assert sorted(peft_t5.peft_config["default"].target_modules) == ["q", "v"]
+
+
+def test_apply_lora_explicit_list_and_unknown_names(tiny_llama_dir):
+    model = modeling.load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), "causal")
+    with pytest.raises(ModelError, match="query_proj not found.*q_proj"):
+        modeling.apply_lora(model, LoraConfig(target_modules=["query_proj"]), "causal")
+    peft_model = modeling.apply_lora(model, LoraConfig(r=2, target_modules=["o_proj", "up_proj"]), "causal")
+    assert sorted(peft_model.peft_config["default"].target_modules) == ["o_proj", "up_proj"]
+
+
+def test_gradient_checkpointing_still_trains_adapters(tiny_llama_dir):
+    model = modeling.load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), "causal")
+    peft_model = modeling.apply_lora(model, LoraConfig(r=4, dropout=0.0), "causal", gradient_checkpointing=True)
+    peft_model.train()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_base_model_identity_hashes_local_weights(tiny_llama_dir):
+    import hashlib
+
+    identity = modeling.base_model_identity(ModelConfig(name_or_path=str(tiny_llama_dir)))
+    expected = hashlib.sha256((tiny_llama_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert identity["sha256"] == expected
+    assert identity["name_or_path"] == str(tiny_llama_dir.resolve())
+    hub = modeling.base_model_identity(ModelConfig(name_or_path="org/model", revision="abc123"))
+    assert hub == {"name_or_path": "org/model", "gguf_file": None, "revision": "abc123", "sha256": None}

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.config import validate_config
+from lorakit.errors import RunError
+from lorakit.runs import (
+    RunPaths,
+    atomic_write_json,
+    atomic_write_text,
+    prepare_run_dir,
+    read_run,
+    run_dir_for,
+    write_metadata,
+)
+from lorakit.templates import Template
+
+TEMPLATE = Template(
+    name="question_answer",
+    source="{% for m in messages %}{{ m.content }}{% endfor %}",
+    stop_strings=["\n### Question:"],
+    uses_model_chat_template=False,
+)
+BASE = {"name_or_path": "/models/tiny", "gguf_file": None, "revision": None, "sha256": "ab" * 32}
+
+
+def _config(tmp_path, **train):
+    return validate_config(
+        {"data": {"path": "data/faq.jsonl"}, "model": {"name_or_path": "org/Tiny-Model"}, "train": {"output_dir": str(tmp_path), **train}}
+    )
+
+
+def _finished_run(root, config=None):
+    paths = RunPaths(root)
+    paths.adapter.mkdir(parents=True)
+    (paths.adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    (paths.adapter / "adapter_config.json").write_text("{}")
+    write_metadata(paths.adapter, base=BASE, task_type="causal", template=TEMPLATE, precision="float32",
+                   system_prompt="Be brief.", max_length=256, extra={"train_examples": 4})
+    if config is not None:
+        atomic_write_text(paths.config, config.to_yaml())
+    return paths
+
+
+def test_paths_layout(tmp_path):
+    paths = RunPaths(tmp_path / "r")
+    assert paths.config == tmp_path / "r" / "config.yaml"
+    assert paths.adapter == tmp_path / "r" / "adapter"
+    assert paths.checkpoints.name == "checkpoints" and paths.metrics.name == "metrics.jsonl"
+    assert paths.plots.name == "plots" and paths.eval.name == "eval"
+    assert paths.lorakit_json == tmp_path / "r" / "adapter" / "lorakit.json"
+
+
+def test_atomic_writes_replace_and_leave_no_temp_files(tmp_path):
+    target = tmp_path / "sub" / "x.json"
+    atomic_write_json(target, {"a": 1})
+    atomic_write_json(target, {"a": "ب"})
+    assert json.loads(target.read_text(encoding="utf-8")) == {"a": "ب"}
+    assert [p.name for p in target.parent.iterdir()] == ["x.json"]
+
+
+def test_metadata_round_trip_from_run_adapter_and_merged(tmp_path):
+    config = _config(tmp_path)
+    paths = _finished_run(tmp_path / "run", config)
+    meta = json.loads(paths.lorakit_json.read_text())
+    assert meta["base_model"] == BASE and meta["task_type"] == "causal"
+    assert meta["template"]["source"] == TEMPLATE.source and meta["train_examples"] == 4
+    assert {"lorakit_version", "precision", "system_prompt", "max_length", "created"} <= set(meta)
+
+    for where in (paths.root, paths.adapter):
+        info = read_run(where)
+        assert info.root == paths.root and info.adapter_dir == paths.adapter
+        assert info.template == TEMPLATE and info.max_length == 256 and info.system_prompt == "Be brief."
+        assert info.config is not None and info.config.model.name_or_path == "org/Tiny-Model"
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "lorakit.json").write_text(paths.lorakit_json.read_text())
+    info = read_run(merged)
+    assert info.is_merged and info.adapter_dir is None and info.config is None
+    assert info.base["sha256"] == BASE["sha256"]
+
+
+def test_read_run_errors_name_the_path_and_fix(tmp_path):
+    with pytest.raises(RunError, match="does not exist.*train first"):
+        read_run(tmp_path / "missing")
+    with pytest.raises(RunError, match="is not a lorakit run"):
+        read_run(tmp_path)
+    unfinished = RunPaths(tmp_path / "unfinished")
+    (unfinished.checkpoints / "checkpoint-5").mkdir(parents=True)
+    with pytest.raises(RunError, match="incomplete.*--resume"):
+        read_run(unfinished.root)
+    no_weights = _finished_run(tmp_path / "noweights")
+    (no_weights.adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(RunError, match="no adapter_model.safetensors"):
+        read_run(no_weights.root)
+
+
+def test_prepare_run_dir_never_overwrites_a_finished_run(tmp_path):
+    paths = _finished_run(tmp_path / "done")
+    with pytest.raises(RunError, match="already holds a finished adapter.*overwrite=true"):
+        prepare_run_dir(paths.root, resume=False, overwrite=False)
+    assert prepare_run_dir(paths.root, resume=False, overwrite=True).root == paths.root
+    with pytest.raises(RunError, match="cannot resume.*no checkpoint"):
+        prepare_run_dir(tmp_path / "fresh", resume=True, overwrite=False)
+    (RunPaths(tmp_path / "half").checkpoints / "checkpoint-3").mkdir(parents=True)
+    (RunPaths(tmp_path / "half").checkpoints / "checkpoint-12").mkdir()
+    assert RunPaths(tmp_path / "half").latest_checkpoint().name == "checkpoint-12"
+    with pytest.raises(RunError, match="unfinished run.*--resume"):
+        prepare_run_dir(tmp_path / "half", resume=False, overwrite=False)
+    assert prepare_run_dir(tmp_path / "half", resume=True, overwrite=False).root == tmp_path / "half"
+
+
+def test_run_dir_for_is_stable_and_respects_run_name(tmp_path):
+    assert run_dir_for(_config(tmp_path)) == tmp_path / "Tiny-Model-faq"
+    assert run_dir_for(_config(tmp_path, run_name="my run/1")) == tmp_path / "my-run-1"
