@@ -76,7 +76,11 @@ def train(
     from .templates import resolve_template
     from .tokenize import PaddingCollator, encode_examples
 
+    from .distributed import is_main_process
+
     tc = config.train
+    main = is_main_process()  # under torchrun only rank 0 writes the run folder and prints
+    console.quiet = not main
     paths = prepare_run_dir(run_dir_for(config), resume=resume, overwrite=tc.overwrite)
     checkpoint = paths.latest_checkpoint() if resume else None
 
@@ -114,15 +118,17 @@ def train(
     console.print(f"[bold]LoRA[/bold]: {trainable_summary(model)}")
 
     args = build_training_args(config, paths, precision, device, has_eval=bool(eval_features))
-    if not resume:
-        _clear_run(paths)  # only now: a setup error must not cost an existing run (train.overwrite)
-    atomic_write_text(paths.config, config.to_yaml())  # an interrupted run still describes itself
-    if checkpoint is not None:
-        truncate_metrics(paths.metrics, int(checkpoint.name.split("-")[1]))
+    if main:
+        if not resume:
+            _clear_run(paths)  # only now: a setup error must not cost an existing run (train.overwrite)
+        atomic_write_text(paths.config, config.to_yaml())  # an interrupted run still describes itself
+        if checkpoint is not None:
+            truncate_metrics(paths.metrics, int(checkpoint.name.split("-")[1]))
 
     interrupt = InterruptCallback()
     progress = RichProgressCallback(console)
-    all_callbacks = [MetricsFileCallback(paths.metrics, on_log), progress, interrupt, *(callbacks or [])]
+    writers = [MetricsFileCallback(paths.metrics, on_log), progress] if main else []
+    all_callbacks = [*writers, interrupt, *(callbacks or [])]
     if tc.early_stopping_patience and args.load_best_model_at_end:
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=tc.early_stopping_patience))
     elif tc.early_stopping_patience:
@@ -156,6 +162,8 @@ def train(
             hint=f"continue with `lorakit train CONFIG --resume` (same config; run folder {paths.root})",
         )
 
+    if not main:
+        return paths
     # save: adapter + tokenizer + metadata, then the curve
     trainer.model.save_pretrained(paths.adapter)
     tokenizer.save_pretrained(paths.adapter)
@@ -264,6 +272,7 @@ def build_training_args(config: LorakitConfig, paths: RunPaths, precision: str, 
         fp16=precision == "float16",
         use_cpu=device == "cpu",
         remove_unused_columns=False,  # features are already exactly the model inputs
+        ddp_find_unused_parameters=False,  # LoRA uses every trainable parameter in each step
         label_names=["labels"],  # peft wrappers hide the signature the Trainer inspects
         prediction_loss_only=True,  # eval needs the loss only; never keep vocab-sized logits
         include_num_input_tokens_seen="non_padding",
