@@ -64,3 +64,17 @@ def test_nproc_command_runs_the_same_entry_point(tmp_path):
     assert "--nproc_per_node=3" in command
     assert command[command.index("lorakit.cli") + 1] == "train"
     assert command[-1] == "--resume" and ["--set", "a.b=1"] == command[-3:-1]
+
+
+def test_shipped_accelerate_configs_are_valid():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "distributed"
+    configs = sorted(folder.glob("*.yaml"))
+    assert {p.name for p in configs} >= {"fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"}
+    for path in configs:
+        cluster = ClusterConfig.from_yaml_file(str(path))
+        assert cluster.num_processes == 2
+        assert str(cluster.distributed_type) in ("DistributedType.FSDP", "DistributedType.DEEPSPEED", "FSDP", "DEEPSPEED")

@@ -5,7 +5,7 @@
 processes (NCCL on GPUs, gloo on the CPU) and averages gradients. The global batch is
 N x micro_batch_size x gradient_accumulation. Only rank 0 writes the run folder and logs.
 For FSDP or DeepSpeed, start the same entry point with `accelerate launch --config_file
-examples/accelerate_fsdp.yaml -m lorakit.cli train config.yaml`.
+examples/distributed/fsdp.yaml -m lorakit.cli train config.yaml`.
 """
 
 from __future__ import annotations
