@@ -7,6 +7,7 @@ from unittest import mock
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -204,3 +205,27 @@ def test_incompatible_checkpoint_schedule_is_a_config_error(tmp_path, llama_dir,
     config.train.optimizer = "adamw_fancy"
     with pytest.raises(ConfigError, match="train.optimizer: unknown value 'adamw_fancy'"):
         build_training_args(config, RunPaths(tmp_path), "float32", "cpu", has_eval=False)
+
+
+class OutOfMemoryAboveMicroBatch(TrainerCallback):
+    """Raises the error a GPU raises when a micro-batch larger than `limit` is tried."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.seen = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.seen.append(args.per_device_train_batch_size)
+        if args.per_device_train_batch_size > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_halves_micro_batch_and_keeps_effective_batch(tmp_path, llama_dir, qa_file):
+    config = make_config(tmp_path, qa_file, llama_dir, max_steps=2, micro_batch_size=4, gradient_accumulation=1)
+    oom = OutOfMemoryAboveMicroBatch(limit=1)
+    paths = train(config, callbacks=[oom])
+    assert oom.seen[0] == 4 and oom.seen[-1] == 1  # 4 -> 2 -> 1
+    saved = yaml.safe_load(paths.config.read_text())
+    assert saved["train"]["micro_batch_size"] == 1
+    assert saved["train"]["gradient_accumulation"] == 4  # effective batch 4 unchanged
+    assert (paths.adapter / "adapter_model.safetensors").is_file()

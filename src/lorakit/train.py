@@ -49,6 +49,41 @@ def train(
 ) -> RunPaths:
     """Train a LoRA adapter as configured and write the run folder; returns its paths.
 
+    With train.auto_fit the micro-batch, accumulation, checkpointing (and on GPUs 4-bit) are
+    first chosen to fit the device (lorakit plan --fit). An out-of-memory error before the first
+    checkpoint halves the micro-batch and doubles the accumulation, then starts again.
+    """
+    from .plan import run_with_oom_backoff
+
+    if config.train.auto_fit:
+        config = _auto_fit(config)
+
+    def attempt(current: LorakitConfig) -> RunPaths:
+        return _train(current, resume=resume, on_log=on_log, callbacks=callbacks)
+
+    return run_with_oom_backoff(attempt, config, log=lambda message: console.print(f"[yellow]{message}"))
+
+
+def _auto_fit(config: LorakitConfig) -> LorakitConfig:
+    from .devices import detect_device
+    from .plan import fit_config
+
+    device, memory_gb = detect_device()
+    fitted, choices = fit_config(config, device, memory_gb)
+    for choice in choices:
+        console.print(f"[cyan]auto_fit[/cyan]: {choice}")
+    return fitted
+
+
+def _train(
+    config: LorakitConfig,
+    *,
+    resume: bool,
+    on_log: Optional[Callable[[dict], None]],
+    callbacks: Optional[list],
+) -> RunPaths:
+    """One training attempt (see train).
+
     resume: continue from the newest checkpoint in checkpoints/ (same config).
     on_log: called with each record appended to metrics.jsonl (step, loss, eval_loss, ...).
     callbacks: extra transformers TrainerCallbacks (tracking, tests).
