@@ -1,0 +1,110 @@
+"""Batched evaluation against one-question-at-a-time generation, measured in the same run.
+
+Answers SQuAD v1.1 questions (with their passages) from ../shared/data/squad-v1.1-dev-part-a.json
+with SmolLM2-135M-Instruct and its own chat template, greedy. The batched pass answers all --n
+questions through lorakit's generate_batched (left padding, length-sorted batches, KV cache,
+per-row stop); the baseline answers the first --one-at-a-time-n of them one by one through the
+same code with batch size 1, and its per-question time is extrapolated to --n (printed as such).
+Both passes' answers are compared on the shared questions.
+
+    .venv/bin/python bench/bench_generation.py [--n 200] [--one-at-a-time-n 40] [--batch-size 32]
+        [--max-new-tokens 32] [--closed-book] [--model PATH] [--device cpu|cuda]
+
+On a CPU, prefilling long passages is compute-bound and batching cannot shrink it, so the ratio
+with passages is far below the one for short (--closed-book) prompts, where decoding dominates.
+
+The model is the converted SmolLM2 cache (lorakit.hubless) when it exists, else --model PATH
+(any chat model folder). Skips with a message when the data file or the model is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "squad-v1.1-dev-part-a.json"
+
+
+def find_model(given: str | None) -> Path | None:
+    if given:
+        return Path(given)
+    from lorakit.hubless import is_converted, model_dir
+
+    folder = model_dir()
+    return folder if is_converted(folder) else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=200, help="questions answered in batches")
+    parser.add_argument("--one-at-a-time-n", type=int, default=40, help="questions answered one by one (baseline)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--model", default=None, help="a chat model folder (default: the SmolLM2 cache)")
+    parser.add_argument("--closed-book", action="store_true",
+                        help="ask without the passage: short prompts, so decoding (what batching speeds up) dominates")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = parser.parse_args()
+
+    if not DATA.is_file():
+        print(f"SKIP: {DATA} is absent; this benchmark needs the shared SQuAD file.")
+        return 0
+    model_path = find_model(args.model)
+    if model_path is None or not model_path.is_dir():
+        print("SKIP: no SmolLM2-135M-Instruct cache (run `lorakit demo` once to convert it) and no --model PATH given.")
+        return 0
+
+    import torch
+
+    from lorakit.data import load_examples
+    from lorakit.evaluate.generate import extract_answer
+    from lorakit.evaluate.metrics import corpus_metrics
+    from lorakit.infer import load_predictor
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    examples = load_examples(str(DATA)).examples[: args.n]
+    single_n = min(args.one_at_a_time_n, len(examples))
+    predictor = load_predictor(model_path, device=device)
+    decoding = dict(max_new_tokens=args.max_new_tokens, temperature=0.0)
+    contexts = [None if args.closed_book else ex.context for ex in examples]
+    prompts = [predictor.prompt_ids(ex.prompt_messages(), c, max_new_tokens=args.max_new_tokens) for ex, c in zip(examples, contexts)]
+    lengths = sorted(len(p) for p in prompts)
+    print(f"model: {model_path.name} on {device} ({torch.get_num_threads()} threads), template '{predictor.template.name}'")
+    print(f"questions: {len(examples)} from {DATA.name}; prompt tokens median {lengths[len(lengths) // 2]}, "
+          f"max {lengths[-1]}; max_new_tokens {args.max_new_tokens}, greedy"
+          f"{', closed book (no passage)' if args.closed_book else ', with passages'}")
+
+    predictor.generate_prompts(prompts[:2], batch_size=2, max_new_tokens=2)  # warm-up, not timed
+
+    started = time.perf_counter()
+    batched = predictor.generate_prompts(prompts, batch_size=args.batch_size, **decoding)
+    batched_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    single = [predictor.generate_prompts([p], batch_size=1, **decoding)[0] for p in prompts[:single_n]]
+    single_s = time.perf_counter() - started
+    per_question = single_s / single_n
+    extrapolated = per_question * len(examples)
+
+    same = sum(a.text == b.text for a, b in zip(batched, single))
+    new_tokens = sum(g.completion_tokens for g in batched)
+    quality = corpus_metrics(
+        [extract_answer(g.text) for g in batched], [ex.answers for ex in examples],
+        finish_reasons=[g.finish_reason for g in batched],
+    )
+    print(f"batched (batch {args.batch_size}): {batched_s:.1f} s for {len(examples)} questions "
+          f"({batched_s / len(examples):.3f} s/question, {new_tokens / batched_s:.1f} new tokens/s)")
+    print(f"one at a time: {single_s:.1f} s for {single_n} questions ({per_question:.3f} s/question); "
+          f"extrapolated to {len(examples)} questions: {extrapolated:.1f} s")
+    print(f"speed-up (one-at-a-time / batched, per question): {extrapolated / batched_s:.1f}x  (target 10x)")
+    print(f"identical greedy answers on the {single_n} shared questions: {same}/{single_n}")
+    print(f"batched answers: EM {quality['exact_match']:.1f}  F1 {quality['f1']:.1f}  "
+          f"never-stops {quality['never_stops_rate']:.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

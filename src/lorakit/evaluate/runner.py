@@ -1,0 +1,311 @@
+"""`lorakit eval` and `lorakit score`: generate answers (or read them), score them, write reports.
+
+The evaluation split is re-created from the run's own config.yaml (the same seeded split as
+training), so no training record is ever scored as held-out data. Answers are generated with the
+run's stored template; `compare_base` runs the very same prompts and decoding with the adapter off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from ..data.example import Example
+from ..errors import EvalError
+
+SPLITS = ("train", "validation", "test")
+
+
+def _references(example: Example) -> list[str]:
+    """Every acceptable answer; [] means unanswerable (scored against the no-answer text)."""
+    if example.is_impossible:
+        return []
+    if example.answers:
+        return list(example.answers)
+    return [example.target] if example.target else []
+
+
+def _examples(path: str, info, data: Optional[str], split: str, no_answer: str) -> tuple[list[Example], str]:
+    """(examples, a description of where they came from)."""
+    from ..data import load_examples, load_splits
+
+    if data is not None:
+        return load_examples(data, no_answer=no_answer).examples, str(data)
+    if split not in SPLITS:
+        raise EvalError(f"--split '{split}' is not a split.", hint=f"use one of {', '.join(SPLITS)}")
+    if info is None or info.config is None:
+        raise EvalError(
+            f"'{path}' has no config.yaml, so its {split} split cannot be re-created.",
+            hint="pass the examples to evaluate with --data FILE",
+        )
+    examples = getattr(load_splits(info.config.data), split)
+    if not examples:
+        raise EvalError(
+            f"the run's {split} split is empty (data.split.{split} = {getattr(info.config.data.split, split)} of {info.config.data.path}).",
+            hint="evaluate another split with --split, or pass a file with --data FILE",
+        )
+    return examples, f"{split} split of {info.config.data.path}"
+
+
+def _score(predictor, examples: list[Example], *, decoding: dict, no_answer: str, bleu_tokenize: str) -> tuple[list[dict], dict]:
+    """Generate, extract answers, score: (records, corpus metrics with perplexity)."""
+    from .generate import extract_answer, reference_perplexity
+    from .metrics import corpus_metrics, score_example
+
+    conversations = [ex.prompt_messages() for ex in examples]
+    contexts = [ex.context for ex in examples]
+    generations = predictor.generate(conversations, contexts, **decoding)
+    records = []
+    for example, generation in zip(examples, generations):
+        references = _references(example)
+        prediction = extract_answer(generation.text, predictor.template.stop_strings)
+        records.append(
+            {
+                "id": example.id,
+                "question": example.question,
+                "context": example.context,
+                "references": references,
+                "prediction": prediction,
+                **score_example(prediction, references, no_answer=no_answer),
+                "finish_reason": generation.finish_reason,
+                "raw_output": generation.raw_text,
+                "prompt_tokens": generation.prompt_tokens,
+                "completion_tokens": generation.completion_tokens,
+            }
+        )
+    metrics = corpus_metrics(
+        [r["prediction"] for r in records],
+        [r["references"] for r in records],
+        no_answer=no_answer,
+        finish_reasons=[r["finish_reason"] for r in records],
+        bleu_tokenize=bleu_tokenize,
+    )
+    # perplexity of what training taught: the target reply (or the no-answer text)
+    prompts = [predictor.prompt_ids(m, c, max_new_tokens=decoding["max_new_tokens"]) for m, c in zip(conversations, contexts)]
+    targets = [ex.target or (ex.answers[0] if ex.answers else no_answer) for ex in examples]
+    metrics["perplexity"] = reference_perplexity(
+        predictor.model, predictor.tokenizer, prompts, targets,
+        task_type=predictor.task_type, batch_size=decoding["batch_size"],
+    )
+    return records, metrics
+
+
+def evaluate_path(
+    path: str | os.PathLike,
+    *,
+    data: Optional[str] = None,
+    split: str = "test",
+    compare_base: bool = False,
+    max_examples: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    max_new_tokens: Optional[int] = None,
+    out_dir: Optional[str | os.PathLike] = None,
+    device: Optional[str] = None,
+    verbose: bool = True,
+) -> dict:
+    """Evaluate a run (or merged) folder and write eval/ outputs; returns what metrics.json holds.
+
+    Decoding options not given here come from the run's `eval` config section.
+
+    Raises:
+        EvalError: unknown split, empty split, no config.yaml without --data, nothing to evaluate.
+        RunError / ModelError / DataError: the folder, model or data cannot be loaded.
+    """
+    from ..callbacks import read_metrics
+    from ..config import EvalConfig
+    from ..infer import _is_plain_model, load_predictor
+    from ..runs import read_run
+    from .report import write_eval_outputs
+
+    folder = Path(path)
+    info = None if _is_plain_model(folder) else read_run(folder)
+    config = info.config if info is not None else None
+    eval_config = config.eval if config is not None else EvalConfig()
+    no_answer = config.data.no_answer if config is not None else "unanswerable"
+
+    examples, source = _examples(str(path), info, data, split, no_answer)
+    limit = max_examples or eval_config.max_examples
+    examples = examples[:limit] if limit else examples
+    if not examples:
+        raise EvalError(f"{source}: there are no examples to evaluate.", hint="pass a data file with records via --data")
+
+    predictor = load_predictor(folder, device=device)
+    decoding = dict(
+        max_new_tokens=max_new_tokens or eval_config.max_new_tokens,
+        batch_size=batch_size or eval_config.batch_size,
+        temperature=eval_config.temperature,
+        top_p=eval_config.top_p,
+        seed=config.train.seed if config is not None else 0,
+    )
+    scoring = dict(decoding=decoding, no_answer=no_answer, bleu_tokenize=eval_config.bleu_tokenize)
+    records, metrics = _score(predictor, examples, **scoring)
+    base_records = base_metrics = None
+    if compare_base:
+        if predictor.has_adapter:
+            with predictor.base_model():
+                base_records, base_metrics = _score(predictor, examples, **scoring)
+        elif info is not None and info.is_merged:
+            del predictor  # free the merged weights before loading the base
+            base_records, base_metrics = _score(load_predictor(folder, device=device, adapter=False), examples, **scoring)
+        else:
+            raise EvalError(
+                f"--compare base: '{path}' is a plain model folder, so there is no base model to compare with.",
+                hint="evaluate a run folder (or merged folder) written by lorakit",
+            )
+
+    root = info.root if info is not None else folder
+    paths = write_eval_outputs(
+        Path(out_dir) if out_dir else root / "eval",
+        records=records,
+        metrics=metrics,
+        base_records=base_records,
+        base_metrics=base_metrics,
+        loss_history=read_metrics(info.paths.metrics) if info is not None else None,
+        title=f"{root.resolve().name}: {source}",
+    )
+    summary = json.loads(paths["metrics"].read_text(encoding="utf-8"))
+    if verbose:
+        _print_summary(summary, paths)
+    return summary
+
+
+def _print_summary(summary: dict, paths: dict) -> None:
+    def line(name: str, m: dict) -> str:
+        text = f"{name}: EM {m['exact_match']:.1f}  F1 {m['f1']:.1f}  ROUGE-L {m['rougeL']:.1f}"
+        if m.get("never_stops_rate") is not None:
+            text += f"  never-stops {m['never_stops_rate']:.1f}%"
+        if m.get("perplexity") is not None:
+            text += f"  reference perplexity {m['perplexity']:.2f}"
+        return text
+
+    print(f"{summary['n']} examples")
+    print(line("adapter" if summary.get("base") else "model", summary["adapter"]))
+    if summary.get("base"):
+        print(line("base", summary["base"]))
+    print(f"written: {paths['report_md'].parent}/ (predictions.jsonl, metrics.json, report.md, report.html)")
+
+
+# --- predictions made elsewhere --------------------------------------------------------------------
+
+
+def _read_predictions(path: Path) -> dict[str, str]:
+    """{id: prediction} from a JSONL of {"id", "prediction"} or an official SQuAD {"qid": "answer"} file."""
+    if not path.is_file():
+        raise EvalError(f"predictions file '{path}' does not exist.", hint="check the path")
+    text = path.read_text(encoding="utf-8")
+    whole = None
+    if path.suffix.lower() != ".jsonl":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    if isinstance(whole, dict) and "prediction" in whole:  # a JSONL file with a single line
+        whole = [whole]
+    if isinstance(whole, dict):  # the official SQuAD format
+        for key, value in whole.items():
+            if not isinstance(value, str):
+                raise EvalError(
+                    f"{path}: the prediction for id '{key}' is {type(value).__name__}, not text.",
+                    hint='a SQuAD prediction file maps each question id to its answer text: {"id": "answer"}',
+                )
+        return dict(whole)
+    rows = whole if isinstance(whole, list) else None
+    if rows is None:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise EvalError(
+                    f"{path}, line {number}: not valid JSON ({exc.msg}).",
+                    hint='write one object per line: {"id": "...", "prediction": "..."}',
+                ) from None
+    out: dict[str, str] = {}
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("prediction"), str):
+            raise EvalError(
+                f"{path}, record {number}: needs the fields 'id' and 'prediction' (text).",
+                hint='write one object per line: {"id": "...", "prediction": "..."}',
+            )
+        key = str(row["id"])
+        if key in out:
+            raise EvalError(f"{path}, record {number}: id '{key}' appears twice.", hint="keep one prediction per id")
+        out[key] = row["prediction"]
+    return out
+
+
+def _few(ids: list[str]) -> str:
+    shown = ", ".join(repr(i) for i in ids[:5])
+    return shown + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+
+
+def score_predictions(
+    predictions_file: str | os.PathLike,
+    data_file: str | os.PathLike,
+    *,
+    out_dir: Optional[str | os.PathLike] = None,
+    no_answer: str = "unanswerable",
+    verbose: bool = True,
+) -> dict:
+    """Score predictions made elsewhere against a dataset's references; writes the eval outputs
+    (default folder: `<predictions file stem>-eval/` beside it) and returns what metrics.json holds.
+
+    Raises:
+        EvalError: unreadable predictions, or ids that do not match the data (both ways).
+        DataError: the data file cannot be read.
+    """
+    from ..data import load_examples
+    from .metrics import corpus_metrics, score_example
+    from .report import write_eval_outputs
+
+    predictions_file = Path(predictions_file)
+    predictions = _read_predictions(predictions_file)
+    # keep every record: dropping duplicates would make their ids look unknown
+    examples = load_examples(str(data_file), no_answer=no_answer, deduplicate=False).examples
+    by_id: dict[str, Example] = {}
+    for example in examples:
+        if example.id in by_id:
+            raise EvalError(
+                f"{data_file}: the id '{example.id}' is used by two records ({example.source}), so predictions cannot be matched.",
+                hint="give every record a distinct id",
+            )
+        by_id[example.id] = example
+    missing = [i for i in by_id if i not in predictions]
+    unknown = [i for i in predictions if i not in by_id]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} example id(s) have no prediction: {_few(missing)}")
+        if unknown:
+            parts.append(f"{len(unknown)} predicted id(s) are not in the data: {_few(unknown)}")
+        raise EvalError(
+            f"{predictions_file} does not match {data_file}: {'; '.join(parts)}.",
+            hint="predict every example of this data file, using the ids the data file gives its records",
+        )
+    records = []
+    for example in examples:
+        references = _references(example)
+        prediction = predictions[example.id]
+        records.append(
+            {
+                "id": example.id,
+                "question": example.question,
+                "context": example.context,
+                "references": references,
+                "prediction": prediction,
+                **score_example(prediction, references, no_answer=no_answer),
+            }
+        )
+    metrics = corpus_metrics(
+        [r["prediction"] for r in records], [r["references"] for r in records], no_answer=no_answer
+    )
+    out = Path(out_dir) if out_dir else predictions_file.parent / f"{predictions_file.stem}-eval"
+    paths = write_eval_outputs(out, records=records, metrics=metrics, title=f"{predictions_file.name} on {Path(data_file).name}")
+    summary = json.loads(paths["metrics"].read_text(encoding="utf-8"))
+    if verbose:
+        _print_summary(summary, paths)
+    return summary
