@@ -1,0 +1,152 @@
+"""The one thread that runs the served models, batching compatible requests together.
+
+The HTTP side only queues `Job`s. The worker takes the oldest job and gathers queued jobs for the
+same model with the same decoding settings, up to `max_batch_size` prompts or until `max_wait_ms`
+has passed, then generates them in one call. Streaming jobs run alone. A job whose client went
+away is skipped (or stopped mid-stream); nothing a job does can stop the worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from .serve_schemas import APIError
+
+logger = logging.getLogger("lorakit.serve")
+MAX_QUEUE = 1024  # jobs waiting beyond this are refused with 429 instead of growing without bound
+
+
+@dataclass
+class Job:
+    """One request's work for `model` (a serve.ServedModel; its `.predictor` generates).
+
+    A batch job's `future` receives the list of Generations, one per prompt. A stream job
+    (`emit` set) gets `emit(piece)` per text piece, then `emit(None)` at the end, or
+    `emit(exception)` when generation failed.
+    """
+
+    model: Any
+    prompts: list  # rendered prompt text, or prompt token ids built the training way
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str] = field(default_factory=list)
+    emit: Optional[Callable[[object], None]] = None
+    future: Future = field(default_factory=Future)
+    cancelled: bool = False
+
+    @property
+    def batch_key(self) -> Optional[tuple]:
+        if self.emit is not None:
+            return None  # streams run one at a time
+        return (self.model.name, self.max_new_tokens, self.temperature, self.top_p, tuple(self.stop))
+
+
+class BatchWorker:
+    """Owns the models: every generation happens on its thread, one batch at a time."""
+
+    def __init__(self, max_batch_size: int = 8, max_wait_ms: float = 10.0):
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.batch_sizes: collections.Counter = collections.Counter()  # prompts per generate call
+        self._queue: queue.Queue = queue.Queue()
+        self._held: collections.deque = collections.deque()  # taken from the queue, not batchable yet
+        self._thread = threading.Thread(target=self._loop, name="lorakit-generate", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> Job:
+        if self._queue.qsize() + len(self._held) >= MAX_QUEUE:
+            raise APIError(429, "the server is overloaded; retry shortly.", type="server_error", code="overloaded")
+        self._queue.put(job)
+        return job
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._held.popleft() if self._held else self._queue.get()
+            if job is None:
+                return
+            try:
+                if job.emit is not None:
+                    if not job.cancelled:
+                        self._stream(job)
+                elif job.future.set_running_or_notify_cancel():  # False: the client already left
+                    self._run_batch(self._gather(job))
+            except Exception:  # a bug in one job must not take the server down with it
+                logger.exception("the generation worker failed on a job for %s", job.model.name)
+
+    def _take(self, job: Job, first: Job, size: int) -> bool:
+        return (job is not None and job.batch_key == first.batch_key
+                and size + len(job.prompts) <= self.max_batch_size)
+
+    def _gather(self, first: Job) -> list[Job]:
+        """`first` plus compatible jobs already held or arriving within max_wait."""
+        batch, size = [first], len(first.prompts)
+        for job in list(self._held):
+            if self._take(job, first, size):
+                self._held.remove(job)
+                if job.future.set_running_or_notify_cancel():
+                    batch.append(job)
+                    size += len(job.prompts)
+        deadline = time.monotonic() + self.max_wait
+        while size < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                job = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if self._take(job, first, size):
+                if job.future.set_running_or_notify_cancel():
+                    batch.append(job)
+                    size += len(job.prompts)
+            else:
+                self._held.append(job)  # keeps its place for the next round (a stop sentinel too)
+        return batch
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        first = batch[0]
+        prompts = [p for job in batch for p in job.prompts]
+        self.batch_sizes[len(prompts)] += 1
+        try:
+            generations = first.model.predictor.generate_prompts(
+                prompts, max_new_tokens=first.max_new_tokens, temperature=first.temperature,
+                top_p=first.top_p, batch_size=len(prompts), stop_strings=first.stop,
+            )
+        except Exception as exc:  # a failed generation fails its requests, never the server
+            logger.exception("generation failed for model %s", first.model.name)
+            for job in batch:
+                job.future.set_exception(exc)
+            return
+        start = 0
+        for job in batch:
+            job.future.set_result(generations[start : start + len(job.prompts)])
+            start += len(job.prompts)
+
+    def _stream(self, job: Job) -> None:
+        try:
+            pieces = job.model.predictor.stream_prompt(
+                job.prompts[0], max_new_tokens=job.max_new_tokens, temperature=job.temperature,
+                top_p=job.top_p, stop_strings=job.stop,
+            )
+            for piece in pieces:
+                if job.cancelled:  # the client went away: stop sending to it
+                    pieces.close()
+                    return
+                job.emit(piece)
+        except Exception as exc:
+            logger.exception("streaming failed for model %s", job.model.name)
+            job.emit(exc)
+            return
+        job.emit(None)
