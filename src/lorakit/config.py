@@ -105,7 +105,7 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
     report_to: list[str] = Field(default_factory=list, description="tensorboard, wandb, mlflow.")
-    generation_eval_every: Optional[int] = Field(None, ge=1, description="Generate on a validation subset every N steps and log EM/F1.")
+    generation_eval_every: Optional[int] = Field(None, ge=1, description="Every N steps, evaluate by generating answers for a validation subset: logs eval_exact_match and eval_f1 (usable as best_metric and for early stopping); sets the evaluation interval.")
     generation_eval_examples: int = Field(32, ge=1, description="Validation examples used by generation_eval_every.")
     auto_fit: bool = Field(False, description="Pick micro-batch, accumulation, checkpointing to fit the device (see lorakit plan --fit).")
     overwrite: bool = Field(False, description="Allow training into a run folder that already holds a finished adapter.")

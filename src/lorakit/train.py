@@ -15,6 +15,7 @@ from rich.console import Console
 
 from .callbacks import InterruptCallback, MetricsFileCallback, RichProgressCallback, read_metrics, truncate_metrics
 from .config import LorakitConfig
+from .generation_eval import GenerationEvalTrainer
 from .errors import ConfigError, DataError, RunError
 from .runs import RunPaths, atomic_write_text, prepare_run_dir, run_dir_for, write_metadata
 
@@ -94,7 +95,7 @@ def _train(
         ConfigError: checkpoint/eval intervals that cannot pick a best checkpoint.
         DataError, TemplateError, ModelError: from loading data, template and model.
     """
-    from transformers import EarlyStoppingCallback, Trainer, set_seed
+    from transformers import EarlyStoppingCallback, set_seed
 
     from .data import load_splits
     from .modeling import (
@@ -168,7 +169,13 @@ def _train(
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=tc.early_stopping_patience))
     elif tc.early_stopping_patience:
         console.print("[yellow]train.early_stopping_patience is ignored: it needs a validation split and train.best_metric")
-    trainer = Trainer(
+    generation_eval = None
+    if tc.generation_eval_every and eval_features:
+        from .generation_eval import make_generation_eval
+
+        generation_eval = make_generation_eval(config, splits.validation, tokenizer, template, task_type)
+    trainer = GenerationEvalTrainer(
+        generation_eval=generation_eval,
         model=model,
         args=args,
         train_dataset=FeatureDataset(train_features),
@@ -247,7 +254,8 @@ def _intervals(config: LorakitConfig, has_eval: bool) -> dict:
     """Evaluation and checkpoint schedule. Picking the best checkpoint needs both on the same
     schedule, with checkpoints at evaluated steps."""
     tc = config.train
-    eval_every, save_every = tc.eval_every, tc.save_every
+    # generation metrics are computed at evaluations, so they set the evaluation interval
+    eval_every, save_every = tc.generation_eval_every or tc.eval_every, tc.save_every
     load_best = has_eval and bool(tc.best_metric)
     if load_best:
         if eval_every and not save_every:

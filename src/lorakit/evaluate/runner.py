@@ -49,8 +49,14 @@ def _examples(path: str, info, data: Optional[str], split: str, no_answer: str) 
     return examples, f"{split} split of {info.config.data.path}"
 
 
-def _score(predictor, examples: list[Example], *, decoding: dict, no_answer: str, bleu_tokenize: str) -> tuple[list[dict], dict]:
-    """Generate, extract answers, score: (records, corpus metrics with perplexity)."""
+def score_examples(
+    predictor, examples: list[Example], *, decoding: dict, no_answer: str, bleu_tokenize: str = "auto",
+    lang: Optional[str] = None, perplexity: bool = True,
+) -> tuple[list[dict], dict]:
+    """Generate, extract answers, score: (records, corpus metrics, with perplexity unless asked not to).
+
+    Used by `lorakit eval` and by the generation-based validation during training.
+    """
     from .generate import extract_answer, reference_perplexity
     from .metrics import corpus_metrics, score_example
 
@@ -68,7 +74,7 @@ def _score(predictor, examples: list[Example], *, decoding: dict, no_answer: str
                 "context": example.context,
                 "references": references,
                 "prediction": prediction,
-                **score_example(prediction, references, no_answer=no_answer),
+                **score_example(prediction, references, no_answer=no_answer, lang=lang),
                 "finish_reason": generation.finish_reason,
                 "raw_output": generation.raw_text,
                 "prompt_tokens": generation.prompt_tokens,
@@ -81,7 +87,10 @@ def _score(predictor, examples: list[Example], *, decoding: dict, no_answer: str
         no_answer=no_answer,
         finish_reasons=[r["finish_reason"] for r in records],
         bleu_tokenize=bleu_tokenize,
+        lang=lang,
     )
+    if not perplexity:
+        return records, metrics
     # perplexity of what training taught: the target reply (or the no-answer text)
     prompts = [predictor.prompt_ids(m, c, max_new_tokens=decoding["max_new_tokens"]) for m, c in zip(conversations, contexts)]
     targets = [ex.target or (ex.answers[0] if ex.answers else no_answer) for ex in examples]
@@ -139,16 +148,16 @@ def evaluate_path(
         top_p=eval_config.top_p,
         seed=config.train.seed if config is not None else 0,
     )
-    scoring = dict(decoding=decoding, no_answer=no_answer, bleu_tokenize=eval_config.bleu_tokenize)
-    records, metrics = _score(predictor, examples, **scoring)
+    scoring = dict(decoding=decoding, no_answer=no_answer, bleu_tokenize=eval_config.bleu_tokenize, lang=eval_config.lang)
+    records, metrics = score_examples(predictor, examples, **scoring)
     base_records = base_metrics = None
     if compare_base:
         if predictor.has_adapter:
             with predictor.base_model():
-                base_records, base_metrics = _score(predictor, examples, **scoring)
+                base_records, base_metrics = score_examples(predictor, examples, **scoring)
         elif info is not None and info.is_merged:
             del predictor  # free the merged weights before loading the base
-            base_records, base_metrics = _score(load_predictor(folder, device=device, adapter=False), examples, **scoring)
+            base_records, base_metrics = score_examples(load_predictor(folder, device=device, adapter=False), examples, **scoring)
         else:
             raise EvalError(
                 f"--compare base: '{path}' is a plain model folder, so there is no base model to compare with.",
