@@ -1,0 +1,169 @@
+"""SQuAD v1.1 with SmolLM2-135M-Instruct on the CPU: lorakit's defaults against the field's notebook.
+
+Fine-tunes on the first 1,000 questions of ../shared/data/squad-v1.1-dev-part-a.json and evaluates
+on 300 questions of articles never trained on (split by article), before and after, in one run.
+Prints EM/F1, the never-stops rate, useful training tokens/s, the share of supervised tokens that
+are answer tokens, and wall times, next to the baseline measured for the same work
+(shared/data/README.md, "The bar to clear").
+
+    .venv/bin/python bench/squad_smollm2.py [--train 1000] [--test 300] [--epochs 1] [--out runs/bench]
+
+Takes 20-40 minutes on a 2-core CPU. Skips with a message when the data file is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "squad-v1.1-dev-part-a.json"
+
+# The notebook pipeline (Trainer + peft LoRA r=16 q/v, padding to 512, loss on the whole text,
+# pad = eos), same model, same 1,000 training / 300 held-out questions, same CPU.
+BASELINE = {
+    "before_em": 0.0, "before_f1": 14.6, "after_em": 33.0, "after_f1": 47.1,
+    "never_stops": 98.7, "train_min": 52.0, "eval_s_per_question": 2.6,
+    "useful_tokens_per_s": 62.0, "answer_token_share": 2.0,
+}
+
+
+def write_subsets(n_train: int, n_test: int, out: Path) -> tuple[Path, Path]:
+    """Train = the first n_train questions in file order; test = n_test questions spread evenly
+    over the articles that contributed no training question. Both as official SQuAD JSON."""
+    squad = json.loads(DATA.read_text(encoding="utf-8"))
+    train_articles, count = [], 0
+    for article in squad["data"]:
+        if count >= n_train:
+            break
+        kept = {"title": article["title"], "paragraphs": []}
+        for paragraph in article["paragraphs"]:
+            qas = paragraph["qas"][: n_train - count]
+            if qas:
+                kept["paragraphs"].append({"context": paragraph["context"], "qas": qas})
+                count += len(qas)
+        train_articles.append(kept)
+    used = {a["title"] for a in train_articles}
+    held = [a for a in squad["data"] if a["title"] not in used]
+    pool = [(a["title"], p["context"], qa) for a in held for p in a["paragraphs"] for qa in p["qas"]]
+    step = max(1, len(pool) // n_test)
+    chosen = pool[::step][:n_test]
+    test_articles: dict[str, dict] = {}
+    for title, context, qa in chosen:
+        article = test_articles.setdefault(title, {"title": title, "paragraphs": []})
+        if not article["paragraphs"] or article["paragraphs"][-1]["context"] != context:
+            article["paragraphs"].append({"context": context, "qas": []})
+        article["paragraphs"][-1]["qas"].append(qa)
+    out.mkdir(parents=True, exist_ok=True)
+    train_path, test_path = out / "squad-train.json", out / "squad-test.json"
+    for path, articles in ((train_path, train_articles), (test_path, list(test_articles.values()))):
+        path.write_text(json.dumps({"version": "1.1", "data": articles}), encoding="utf-8")
+    print(f"train: {count} questions from {len(train_articles)} articles; "
+          f"test: {len(chosen)} questions from {len(test_articles)} held-out articles", flush=True)
+    return train_path, test_path
+
+
+def bench_config(model_dir: Path, train_path: Path, test_path: Path, out: Path, epochs: float):
+    from lorakit.config import LorakitConfig
+
+    return LorakitConfig.model_validate({
+        "data": {"path": str(train_path), "test_path": str(test_path), "format": "squad",
+                 "split": {"train": 1.0, "validation": 0.0, "test": 0.0}},
+        "model": {"name_or_path": str(model_dir), "precision": "float32"},
+        # lorakit's defaults otherwise: completion-only loss, EOS labelled, dynamic padding with
+        # length-grouped batches. Same LoRA as the baseline (r=16 on q_proj/v_proj).
+        "template": {"name": "chat", "max_length": 512, "system_prompt": (
+            "Answer the question with the shortest exact phrase copied from the context. "
+            "Do not write a full sentence.")},
+        "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]},
+        "train": {"output_dir": str(out), "run_name": "squad-smollm2", "epochs": epochs,
+                  "micro_batch_size": 8, "learning_rate": 3e-4, "logging_steps": 10,
+                  "best_metric": None, "save_total_limit": 1, "overwrite": True},
+        "eval": {"max_new_tokens": 32, "batch_size": 16},
+    })
+
+
+def token_stats(config) -> dict:
+    """What the training features supervise, encoded exactly as train() encodes them."""
+    from lorakit.data import load_splits
+    from lorakit.modeling import load_tokenizer
+    from lorakit.templates import resolve_template
+    from lorakit.tokenize import encode_examples
+
+    tokenizer = load_tokenizer(config.model)
+    splits = load_splits(config.data)
+    template = resolve_template(config.template, tokenizer, "causal", has_context=True)
+    features, stats = encode_examples(splits.train, template, tokenizer, task_type="causal",
+                                      max_length=config.template.max_length)
+    labels = [t for f in features for t in f["labels"] if t != -100]
+    answer = sum(1 for t in labels if t != tokenizer.eos_token_id)
+    return {"tokens": stats.n_total_tokens, "answer_share": 100 * answer / len(labels),
+            "supervised_share": 100 * len(labels) / stats.n_total_tokens}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=int, default=1000)
+    parser.add_argument("--test", type=int, default=300)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    args = parser.parse_args()
+    if not DATA.is_file():
+        print(f"skipped: {DATA} is absent (this benchmark reads the shared SQuAD v1.1 dev part A).")
+        return 0
+
+    from lorakit.callbacks import read_metrics
+    from lorakit.evaluate.runner import evaluate_path
+    from lorakit.hubless import ensure_smollm2
+    from lorakit.train import train
+
+    out = Path(args.out)
+    started = time.perf_counter()
+    model_dir = ensure_smollm2()
+    train_path, test_path = write_subsets(args.train, args.test, out / "data")
+    config = bench_config(model_dir, train_path, test_path, out, args.epochs)
+    tokens = token_stats(config)
+
+    phase = time.perf_counter()
+    paths = train(config)
+    train_s = time.perf_counter() - phase
+    seen = max((r.get("tokens_seen", 0) for r in read_metrics(paths.metrics)), default=0) or tokens["tokens"] * args.epochs
+
+    phase = time.perf_counter()
+    summary = evaluate_path(paths.root, split="test", compare_base=True, verbose=False)
+    eval_s = time.perf_counter() - phase
+    before, after, n = summary["base"], summary["adapter"], summary["n"]
+    measured = {
+        "before_em": before["exact_match"], "before_f1": before["f1"],
+        "after_em": after["exact_match"], "after_f1": after["f1"],
+        "never_stops": after["never_stops_rate"], "train_min": train_s / 60,
+        "eval_s_per_question": eval_s / (2 * n),  # two passes: base, then adapter
+        "useful_tokens_per_s": seen / train_s, "answer_token_share": tokens["answer_share"],
+    }
+    rows = [
+        ("EM before", "before_em", "{:.1f}"), ("F1 before", "before_f1", "{:.1f}"),
+        ("EM after", "after_em", "{:.1f}"), ("F1 after", "after_f1", "{:.1f}"),
+        ("never emit EOS (after), %", "never_stops", "{:.1f}"),
+        ("training time, min", "train_min", "{:.1f}"),
+        ("eval, s per question", "eval_s_per_question", "{:.2f}"),
+        ("useful training tokens/s", "useful_tokens_per_s", "{:.0f}"),
+        ("supervised tokens that are answer tokens, %", "answer_token_share", "{:.1f}"),
+    ]
+    print(f"\nSQuAD v1.1 (dev part A), SmolLM2-135M-Instruct, {n} held-out questions, CPU float32")
+    print(f"{'':44s} {'notebook baseline':>18s} {'lorakit':>10s}")
+    for label, key, fmt in rows:
+        print(f"{label:44s} {fmt.format(BASELINE[key]):>18s} {fmt.format(measured[key]):>10s}")
+    print(f"\nF1 after: {measured['after_f1'] - BASELINE['after_f1']:+.1f} points vs baseline; "
+          f"training {BASELINE['train_min'] / measured['train_min']:.1f}x faster; "
+          f"evaluation {BASELINE['eval_s_per_question'] / measured['eval_s_per_question']:.1f}x faster per question")
+    print(f"supervised tokens: {tokens['supervised_share']:.1f}% of all training tokens (answers + EOS)")
+    print(f"total wall time {(time.perf_counter() - started) / 60:.1f} min; report: {paths.eval / 'report.md'}")
+    (out / "bench_result.json").write_text(json.dumps({"measured": measured, "baseline": BASELINE}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
