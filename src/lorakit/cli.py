@@ -181,11 +181,12 @@ def plan(
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Where the demo run goes."),
+    quick: bool = typer.Option(False, "--quick", help="One epoch instead of three (a smaller gain)."),
 ):
     """Offline end to end on the CPU: SmolLM2-135M-Instruct, before/after scores on bundled QA data."""
     from .demo import run_demo
 
-    run_demo(workdir=str(workdir))
+    run_demo(workdir=str(workdir), quick=quick)
 
 
 @app.command()
