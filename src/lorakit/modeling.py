@@ -14,6 +14,7 @@ import torch
 
 from .config import LoraConfig, ModelConfig
 from .errors import ModelError, require
+from .runs import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -371,14 +372,6 @@ def trainable_summary(model) -> str:
 # --- identity for lorakit.json --------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def base_model_identity(model_config: ModelConfig, *, commit_hash: Optional[str] = None) -> dict:
     """What exactly the adapter was trained on: for local files the sha256 of the GGUF or of the
     weights (several safetensors shards hash to one digest of their names and hashes); for hub
@@ -390,15 +383,15 @@ def base_model_identity(model_config: ModelConfig, *, commit_hash: Optional[str]
         return identity
     folder = Path(source)
     if gguf:
-        identity["sha256"] = _sha256(folder / gguf)
+        identity["sha256"] = sha256_file(folder / gguf)
         return identity
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     weights = [w for w in weights if not w.name.startswith("training_args")]
     if len(weights) == 1:
-        identity["sha256"] = _sha256(weights[0])
+        identity["sha256"] = sha256_file(weights[0])
     elif weights:
         combined = hashlib.sha256()
         for weight in weights:
-            combined.update(f"{weight.name}:{_sha256(weight)}\n".encode())
+            combined.update(f"{weight.name}:{sha256_file(weight)}\n".encode())
         identity["sha256"] = combined.hexdigest()
     return identity

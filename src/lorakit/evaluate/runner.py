@@ -49,6 +49,21 @@ def _examples(path: str, info, data: Optional[str], split: str, no_answer: str) 
     return examples, f"{split} split of {info.config.data.path}"
 
 
+def _scored_record(example: Example, prediction: str, *, no_answer: str, lang: Optional[str] = None) -> dict:
+    """One line of predictions.jsonl: the example, its references, the prediction and its scores."""
+    from .metrics import score_example
+
+    references = _references(example)
+    return {
+        "id": example.id,
+        "question": example.question,
+        "context": example.context,
+        "references": references,
+        "prediction": prediction,
+        **score_example(prediction, references, no_answer=no_answer, lang=lang),
+    }
+
+
 def score_examples(
     predictor, examples: list[Example], *, decoding: dict, no_answer: str, bleu_tokenize: str = "auto",
     lang: Optional[str] = None, perplexity: bool = True,
@@ -58,23 +73,17 @@ def score_examples(
     Used by `lorakit eval` and by the generation-based validation during training.
     """
     from .generate import extract_answer, reference_perplexity
-    from .metrics import corpus_metrics, score_example
+    from .metrics import corpus_metrics
 
     conversations = [ex.prompt_messages() for ex in examples]
     contexts = [ex.context for ex in examples]
     generations = predictor.generate(conversations, contexts, **decoding)
     records = []
     for example, generation in zip(examples, generations):
-        references = _references(example)
         prediction = extract_answer(generation.text, predictor.template.stop_strings)
         records.append(
             {
-                "id": example.id,
-                "question": example.question,
-                "context": example.context,
-                "references": references,
-                "prediction": prediction,
-                **score_example(prediction, references, no_answer=no_answer, lang=lang),
+                **_scored_record(example, prediction, no_answer=no_answer, lang=lang),
                 "finish_reason": generation.finish_reason,
                 "raw_output": generation.raw_text,
                 "prompt_tokens": generation.prompt_tokens,
@@ -268,7 +277,7 @@ def score_predictions(
         DataError: the data file cannot be read.
     """
     from ..data import load_examples
-    from .metrics import corpus_metrics, score_example
+    from .metrics import corpus_metrics
     from .report import write_eval_outputs
 
     predictions_file = Path(predictions_file)
@@ -295,20 +304,7 @@ def score_predictions(
             f"{predictions_file} does not match {data_file}: {'; '.join(parts)}.",
             hint="predict every example of this data file, using the ids the data file gives its records",
         )
-    records = []
-    for example in examples:
-        references = _references(example)
-        prediction = predictions[example.id]
-        records.append(
-            {
-                "id": example.id,
-                "question": example.question,
-                "context": example.context,
-                "references": references,
-                "prediction": prediction,
-                **score_example(prediction, references, no_answer=no_answer),
-            }
-        )
+    records = [_scored_record(example, predictions[example.id], no_answer=no_answer) for example in examples]
     metrics = corpus_metrics(
         [r["prediction"] for r in records], [r["references"] for r in records], no_answer=no_answer
     )
