@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from lorakit.config import validate_config
-from lorakit.errors import ModelError, RunError
+from lorakit.errors import ConfigError, ModelError, RunError
 from lorakit.runs import RunPaths, read_run, run_dir_for
 from lorakit.templates import render_prompt
 from lorakit.train import TrainingInterrupted, train
@@ -229,3 +229,10 @@ def test_out_of_memory_halves_micro_batch_and_keeps_effective_batch(tmp_path, ll
     assert saved["train"]["micro_batch_size"] == 1
     assert saved["train"]["gradient_accumulation"] == 4  # effective batch 4 unchanged
     assert (paths.adapter / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_bitsandbytes_optimizer_on_cpu_is_a_config_error(tmp_path, llama_dir, qa_file):
+    config = make_config(tmp_path, qa_file, llama_dir, max_steps=1, optimizer="paged_adamw_8bit")
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        train(config)

@@ -337,3 +337,13 @@ def _check_names(tc) -> None:
     ):
         if value not in valid:
             raise ConfigError(f"{key}: unknown value '{value}'.", hint=f"use one of: {', '.join(valid)}")
+    if "8bit" in tc.optimizer or "bnb" in tc.optimizer or tc.optimizer.startswith("paged"):
+        # bitsandbytes optimizers: fail in setup with the fix, not in the Trainer with a traceback
+        from .errors import require
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.optimizer={tc.optimizer} is a bitsandbytes optimizer, which needs a CUDA GPU.",
+                hint="use train.optimizer=adamw_torch on the CPU",
+            )
+        require("bitsandbytes", "quant", f"train.optimizer={tc.optimizer}")
