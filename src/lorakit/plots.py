@@ -1,4 +1,4 @@
-"""The loss-curve PNG of a run: train loss and validation loss against the optimizer step."""
+"""The figures lorakit draws: a run's loss curves, and before/after metric bars for reports."""
 
 from __future__ import annotations
 
@@ -36,3 +36,26 @@ def plot_loss(records: list[dict], out_path: Path, title: str = "") -> Path:
     finally:
         plt.close(fig)
     return out_path
+
+
+def metric_bars_png(labels: list[str], groups: list[tuple[str, list[float]]]) -> bytes:
+    """Grouped bars (one group per model, e.g. base and adapter) of 0-100 scores, as PNG bytes."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 3.6))
+    axes = figure.add_subplot()
+    positions = range(len(labels))
+    width = 0.8 / len(groups)
+    for offset, (name, heights) in enumerate(groups):
+        xs = [p + (offset - (len(groups) - 1) / 2) * width for p in positions]
+        bars = axes.bar(xs, heights, width, label=name)
+        axes.bar_label(bars, fmt="%.1f", fontsize=8)
+    axes.set_xticks(list(positions), labels)
+    axes.set_ylim(0, 105)
+    axes.set_ylabel("score (0-100)")
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import os
@@ -229,12 +228,6 @@ def _markdown(title, created, metrics, base_metrics, pairs, k) -> str:
 # --- plots -------------------------------------------------------------------------------------
 
 
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return buffer.getvalue()
-
-
 def _loss_plot(loss_history: Optional[Sequence[dict]], out_path: Path) -> Optional[bytes]:
     """The run's loss curves (lorakit.plots.plot_loss), written atomically; None without history."""
     from ..plots import plot_loss
@@ -254,26 +247,14 @@ def _loss_plot(loss_history: Optional[Sequence[dict]], out_path: Path) -> Option
 
 
 def _metrics_plot(metrics: dict, base_metrics: Optional[dict]) -> Optional[bytes]:
-    from matplotlib.figure import Figure
+    from ..plots import metric_bars_png
 
     keys = [k for k in BAR_METRICS if _is_number(metrics.get(k))]
     if not keys:
         return None
-    figure = Figure(figsize=(6.4, 3.6))
-    axes = figure.add_subplot()
-    positions = range(len(keys))
     groups = [("adapter", metrics)] if base_metrics is None else [("base", base_metrics), ("adapter", metrics)]
-    width = 0.8 / len(groups)
-    for offset, (name, values) in enumerate(groups):
-        heights = [values.get(k) if _is_number(values.get(k)) else 0.0 for k in keys]
-        xs = [p + (offset - (len(groups) - 1) / 2) * width for p in positions]
-        bars = axes.bar(xs, heights, width, label=name)
-        axes.bar_label(bars, fmt="%.1f", fontsize=8)
-    axes.set_xticks(list(positions), [LABELS[k] for k in keys])
-    axes.set_ylim(0, 105)
-    axes.set_ylabel("score (0-100)")
-    axes.legend()
-    return _png(figure)
+    rows = [(name, [values.get(k) if _is_number(values.get(k)) else 0.0 for k in keys]) for name, values in groups]
+    return metric_bars_png([LABELS[k] for k in keys], rows)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> Path:
