@@ -173,6 +173,18 @@ def _finish(tokenizer, row: list[int], *, prompt_tokens, eos_ids, stopped_at, st
     return Generation(text, raw_text, prompt_tokens, len(row), reason)
 
 
+def _decoding_setup(model, tokenizer, *, max_new_tokens, temperature, top_p, seed):
+    """What every generation needs first: seeded RNG, device, pad and EOS ids, generation config."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    pad_id, eos_ids = _pad_id(tokenizer, model), _eos_ids(tokenizer, model)
+    config = _generation_config(
+        model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, pad_id=pad_id, eos_ids=eos_ids
+    )
+    return device, pad_id, eos_ids, config
+
+
 # --- public API ----------------------------------------------------------------------------------
 
 
@@ -196,12 +208,8 @@ def generate_batched(
     """
     if not prompts:
         return []
-    if seed is not None:
-        torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    pad_id, eos_ids = _pad_id(tokenizer, model), _eos_ids(tokenizer, model)
-    config = _generation_config(
-        model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, pad_id=pad_id, eos_ids=eos_ids
+    device, pad_id, eos_ids, config = _decoding_setup(
+        model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
     encoded = [_as_ids(tokenizer, p, task_type) for p in prompts]
     # longest first: similar lengths share a batch, and an out-of-memory shows up at once
@@ -251,12 +259,8 @@ def stream_generate(
     seed: int | None = None,
 ) -> Iterator[str]:
     """Yield text pieces as the model produces them; nothing at or after a stop string."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    pad_id, eos_ids = _pad_id(tokenizer, model), _eos_ids(tokenizer, model)
-    config = _generation_config(
-        model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, pad_id=pad_id, eos_ids=eos_ids
+    device, pad_id, eos_ids, config = _decoding_setup(
+        model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
     ids = _as_ids(tokenizer, prompt, task_type)
     input_ids, mask = _batch_tensors([ids], pad_id, left=True, device=device)
