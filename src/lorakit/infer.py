@@ -119,8 +119,10 @@ class Predictor:
         batch_size: int = 16,
         stop_strings: Optional[Sequence[str]] = None,
         seed: Optional[int] = None,
+        cancelled: Optional[Callable[[int], bool]] = None,
     ) -> list[Generation]:
-        """Complete raw prompts (text, or ids), stopping at the template's stop strings too."""
+        """Complete raw prompts (text, or ids), stopping at the template's stop strings too.
+        cancelled(i) True ends prompt i early (see generate_batched)."""
         self._activate()
         return generate_batched(
             self.model,
@@ -133,6 +135,7 @@ class Predictor:
             batch_size=batch_size,
             stop_strings=self._stops(stop_strings),
             seed=seed,
+            cancelled=cancelled,
         )
 
     def generate(
@@ -160,6 +163,7 @@ class Predictor:
         stop_strings: Optional[Sequence[str]] = None,
         seed: Optional[int] = None,
         batch_size: Optional[int] = None,  # accepted so the same decoding options work everywhere
+        stopping_criteria: Sequence = (),
     ) -> Iterator[str]:
         """Yield the completion of a raw prompt piece by piece."""
         self._activate()
@@ -173,6 +177,7 @@ class Predictor:
             top_p=top_p,
             stop_strings=self._stops(stop_strings),
             seed=seed,
+            stopping_criteria=stopping_criteria,
         )
 
     def stream(self, messages: list[dict], context: Optional[str] = None, *, max_new_tokens: int = 256, **decoding) -> Iterator[str]:

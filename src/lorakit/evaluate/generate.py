@@ -12,7 +12,7 @@ import math
 import re
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -126,6 +126,17 @@ class _Cancelled(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class _RowsCancelled(StoppingCriteria):
+    """Ends the rows whose caller has gone: cancelled(prompt index) is asked between decoding steps."""
+
+    def __init__(self, cancelled: Callable[[int], bool], indices: Sequence[int]):
+        self.cancelled = cancelled
+        self.indices = list(indices)  # batch row -> index in the caller's prompt list
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.tensor([bool(self.cancelled(i)) for i in self.indices], dtype=torch.bool, device=input_ids.device)
+
+
 def _generation_config(model, *, max_new_tokens, temperature, top_p, pad_id, eos_ids):
     config = copy.deepcopy(model.generation_config)
     config.max_new_tokens = max_new_tokens
@@ -200,11 +211,13 @@ def generate_batched(
     batch_size: int = 16,
     stop_strings: Sequence[str] = (),
     seed: int | None = None,
+    cancelled: Callable[[int], bool] | None = None,
 ) -> list[Generation]:
     """Generate one completion per prompt, in batches, returned in the prompts' order.
 
     Greedy when temperature == 0. A prompt is already-rendered template text, or its token ids.
     stop_strings end a row (the template's, plus any the caller adds); EOS always does.
+    cancelled(i), asked between decoding steps, ends prompt i's row early (its caller has gone).
     """
     if not prompts:
         return []
@@ -226,6 +239,8 @@ def generate_batched(
                 width = 1 if task_type == "seq2seq" else input_ids.shape[1]
                 stopper = StopOnStrings(tokenizer, stop_strings, width)
                 criteria = StoppingCriteriaList([stopper] if stopper.stop_strings else [])
+                if cancelled is not None:
+                    criteria.append(_RowsCancelled(cancelled, chunk))
                 output = model.generate(
                     input_ids=input_ids, attention_mask=mask, generation_config=config, stopping_criteria=criteria
                 )
@@ -257,8 +272,12 @@ def stream_generate(
     top_p: float = 1.0,
     stop_strings: Sequence[str] = (),
     seed: int | None = None,
+    stopping_criteria: Sequence[StoppingCriteria] = (),
 ) -> Iterator[str]:
-    """Yield text pieces as the model produces them; nothing at or after a stop string."""
+    """Yield text pieces as the model produces them; nothing at or after a stop string.
+
+    stopping_criteria: extra criteria, called once per generated token (e.g. a caller's counter).
+    """
     device, pad_id, eos_ids, config = _decoding_setup(
         model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
@@ -267,6 +286,7 @@ def stream_generate(
     criteria = StoppingCriteriaList()
     if stop_strings:
         criteria.append(StopOnStrings(tokenizer, stop_strings, 1 if task_type == "seq2seq" else input_ids.shape[1]))
+    criteria.extend(stopping_criteria)
     cancel = threading.Event()
     criteria.append(_Cancelled(cancel))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
