@@ -155,12 +155,16 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LORAKIT_API_KEY", help="Require this bearer token."),
     max_tokens_limit: int = typer.Option(512, "--max-tokens-limit", min=1),
     max_batch_size: int = typer.Option(8, "--max-batch-size", min=1),
+    max_body_bytes: int = typer.Option(
+        1024 * 1024, "--max-body-bytes", min=1, help="Larger request bodies are refused with 413."
+    ),
 ):
     """Serve runs behind an OpenAI-compatible HTTP API."""
     from .serve import serve_command
 
     serve_command(
-        runs, host=host, port=port, api_key=api_key, max_tokens_limit=max_tokens_limit, max_batch_size=max_batch_size
+        runs, host=host, port=port, api_key=api_key, max_tokens_limit=max_tokens_limit, max_batch_size=max_batch_size,
+        max_body_bytes=max_body_bytes,
     )
 
 

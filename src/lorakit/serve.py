@@ -20,8 +20,10 @@ import hmac
 import json
 import logging
 import os
+import queue
 import time
-from contextlib import asynccontextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -50,10 +52,15 @@ API_KEY_ENV = "LORAKIT_API_KEY"
 # --- loading the models --------------------------------------------------------------------------
 
 
+PREPARE_THREADS = 2  # threads that parse, render and tokenize requests, off the event loop
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+
 @dataclass
 class ServedModel:
-    """One model id: its Predictor, plus a view of it with a private tokenizer copy, so the
-    event-loop thread builds prompt ids and counts tokens while the worker uses the original."""
+    """One model id: its Predictor, plus views of it with private tokenizer copies, one per
+    preparing thread, so prompts are tokenized beside the worker (which uses the original) and
+    beside each other (a fast tokenizer shared across threads can fail with "Already borrowed")."""
 
     name: str
     predictor: object
@@ -61,11 +68,30 @@ class ServedModel:
     created: int
 
     def __post_init__(self):
-        self.view = copy.copy(self.predictor)
-        self.view.tokenizer = copy.deepcopy(self.predictor.tokenizer)
+        self._views: queue.Queue = queue.Queue()
+        for _ in range(PREPARE_THREADS):
+            view = copy.copy(self.predictor)
+            view.tokenizer = copy.deepcopy(self.predictor.tokenizer)
+            view.name = self.name  # error messages name the served id, not the run folder
+            self._views.put(view)
 
-    def count(self, text: str) -> int:
-        return self.view.count_tokens(text)
+    @contextmanager
+    def view(self):
+        view = self._views.get()
+        try:
+            yield view
+        finally:
+            self._views.put(view)
+
+
+def _public_name(base: Optional[str]) -> Optional[str]:
+    """A base model as clients may see it: a hub id as is, a local folder by its name only."""
+    if not base:
+        return None
+    path = Path(base).expanduser()
+    if path.is_absolute() or path.exists() or base.startswith((".", "~")):
+        return path.name
+    return base
 
 
 def _split_spec(spec: str) -> tuple[Optional[str], str]:
@@ -126,7 +152,7 @@ def load_models(specs: list[str], *, device: Optional[str] = None) -> dict[str, 
                 adapter_name=adapter_name, max_length=info.max_length,
             )
             logger.info("model %s shares the base weights already loaded for %s", name, host.name)
-        served[name] = ServedModel(name=name, predictor=predictor, base=info.base.get("name_or_path"),
+        served[name] = ServedModel(name=name, predictor=predictor, base=_public_name(info.base.get("name_or_path")),
                                    created=int(Path(path).stat().st_mtime))
     return served
 
@@ -150,13 +176,84 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _log(method: str, path: str, status: int, started: float, model: str = "-", tokens_in: int = 0,
+         tokens_out: int = 0) -> None:
+    logger.info("%s %s status=%s model=%s tokens_in=%d tokens_out=%d latency_ms=%.1f", method, path, status, model,
+                tokens_in, tokens_out, (time.perf_counter() - started) * 1000)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than this server's limit of {limit} bytes; send a shorter "
+                         f"prompt, or start the server with a larger --max-body-bytes.", code="request_too_large")
+
+
+class _Guard:
+    """ASGI middleware in front of every route: the API key, the body-size limit, one log line.
+
+    Plain ASGI rather than @app.middleware("http"): it wraps `receive`, so a chunked body is cut
+    off as soon as it passes the limit, and a client's disconnect reaches the routes unchanged.
+    With a key set, every path but /health needs it (/docs and /openapi.json included).
+    """
+
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
+        self.app, self.api_key, self.limit = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.datastructures import Headers
+        from starlette.responses import JSONResponse
+
+        state = scope.setdefault("state", {})
+        state["started"] = started = time.perf_counter()
+        headers = Headers(scope=scope)
+        refusal = None
+        if self.api_key and scope["path"] != "/health":
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                refusal = APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'.",
+                                   code="invalid_api_key")
+        length = headers.get("content-length", "")
+        if refusal is None and length.isdigit() and int(length) > self.limit:
+            refusal = _too_large(self.limit)  # refused before a byte of the body is read
+        if refusal is not None:
+            _log(scope["method"], scope["path"], refusal.status, started)
+            return await JSONResponse(refusal.body(), status_code=refusal.status)(scope, receive, send)
+
+        status, received = [500], [0]
+
+        async def receiving():
+            message = await receive()
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > self.limit:  # a chunked body has no Content-Length to check first
+                    raise _too_large(self.limit)
+            return message
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        await self.app(scope, receiving, sending)
+        if not state.get("logged"):  # generation routes log their own line, with token counts
+            _log(scope["method"], scope["path"], status[0], started)
+
+
+async def _disconnected(request) -> None:
+    """Returns when the client has gone (the body is already read: only a disconnect comes next)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class _Server:
-    """The state behind the routes: models, worker and limits."""
+    """The state behind the routes: models, worker, preparing threads and limits."""
 
     def __init__(self, models: dict[str, ServedModel], worker: BatchWorker, max_tokens_limit: int):
         self.models = models
         self.worker = worker
         self.max_tokens_limit = max_tokens_limit
+        self.pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="lorakit-prepare")
 
     def model(self, name: str) -> ServedModel:
         if name not in self.models:
@@ -184,21 +281,68 @@ class _Server:
             )
         return wanted
 
-    async def generate(self, job: Job) -> list:
+    async def off_loop(self, fn, *args):
+        """Run fn on a preparing thread: parsing, rendering and tokenizing a large prompt take
+        seconds, and on the event loop they would stall every client, /health included."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def prepare_chat(self, raw: bytes, note) -> tuple:
+        req = parse_request(ChatCompletionRequest, raw)
+        note.model = req.model  # for the log line of a refused request
+        req.check_supported()
+        served = self.model(req.model)
+        requested = req.requested_max_tokens()
+        self.check_limit(requested)
+        with served.view() as view:
+            try:  # ids built as training built them; a passage too long for the context is shortened
+                ids = view.prompt_ids(req.conversation(), req.context, max_new_tokens=requested or 0)
+            except ModelError as exc:
+                raise APIError(400, exc.message, param="messages", code="context_length_exceeded") from None
+        return req, served, ids, self.budget(served, len(ids), requested, self.max_tokens_limit)
+
+    def prepare_completion(self, raw: bytes, note) -> tuple:
+        req = parse_request(CompletionRequest, raw)
+        note.model = req.model
+        req.check_supported()
+        served = self.model(req.model)
+        prompts = req.prompts()
+        if len(prompts) > self.worker.max_batch_size:
+            raise APIError(400, f"at most {self.worker.max_batch_size} prompts per request.", param="prompt")
+        with served.view() as view:
+            counts = [view.count_tokens(p) for p in prompts]
+        # OpenAI's default for completions is 16 new tokens
+        return req, served, prompts, counts, min(self.budget(served, c, req.max_tokens, 16) for c in counts)
+
+    async def generate(self, job: Job, request) -> Optional[list]:
+        """The job's generations; None when the client disconnected first, which cancels the job
+        (skipped if still queued, its rows stopped at the next decoding step if running)."""
         self.worker.submit(job)
-        return await asyncio.wrap_future(job.future)
+        result = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if result.done() and not result.cancelled():
+                return result.result()
+            return None
+        finally:
+            gone.cancel()
+            if not result.done() or result.cancelled():
+                job.cancel()
 
     def stream(self, job: Job, on_done: Callable[[str, int], None], render: Callable[[str], dict],
                finish: Callable[[str], dict], extra_end: Callable[[int], list[dict]], opening: Optional[dict] = None):
-        """An SSE body: an opening chunk (chat: the role), one chunk per text piece, a finish
-        chunk, optional usage, then [DONE]."""
+        """An SSE response: an opening chunk (chat: the role), one chunk per text piece, a finish
+        chunk, optional usage (the tokens the worker generated), then [DONE]."""
+        from starlette.background import BackgroundTask
+        from starlette.responses import StreamingResponse
+
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         job.emit = lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item)
         self.worker.submit(job)
 
         async def body():
-            text, reason = "", "error"
+            reason = "error"
             try:
                 if opening is not None:
                     yield _sse(opening)
@@ -209,26 +353,28 @@ class _Server:
                     if isinstance(item, Exception):
                         yield _sse(error_body(f"generation failed: {item}", type="server_error"))
                         return
-                    text += item
                     yield _sse(render(item))
-                produced = job.model.count(text) if text else 0
-                reason = "length" if produced >= job.max_new_tokens else "stop"
+                reason = "length" if job.generated >= job.max_new_tokens else "stop"
                 yield _sse(finish(reason))
-                for chunk in extra_end(produced):
+                for chunk in extra_end(job.generated):
                     yield _sse(chunk)
                 yield "data: [DONE]\n\n"
             finally:
-                job.cancelled = True  # no-op when finished; stops the worker if the client left
-                on_done(reason, job.model.count(text) if text else 0)
+                job.cancel()  # no-op when finished; stops the worker if the client left
+                on_done(reason, job.generated)
 
-        return body()
+        # the background task runs even when the client leaves before the body ever started
+        return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(job.cancel))
 
 
 def create_app(paths: list[str], *, api_key: Optional[str] = None, max_tokens_limit: int = 512,
-               max_batch_size: int = 8, max_wait_ms: float = 10.0, device: Optional[str] = None):
+               max_batch_size: int = 8, max_wait_ms: float = 10.0, device: Optional[str] = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
     """The FastAPI app serving `paths` (run folders, adapter folders, merged folders, or NAME=PATH).
 
-    api_key: when set (or $LORAKIT_API_KEY), /v1/* requires `Authorization: Bearer <key>`.
+    api_key: when set (or $LORAKIT_API_KEY), every path but /health requires
+    `Authorization: Bearer <key>`, /docs and /openapi.json included.
+    max_body_bytes: larger request bodies get a 413 before they are parsed.
 
     Raises:
         MissingExtraError: fastapi is not installed.
@@ -236,7 +382,7 @@ def create_app(paths: list[str], *, api_key: Optional[str] = None, max_tokens_li
     """
     require("fastapi", "serve", "Serving a model")
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
@@ -246,29 +392,14 @@ def create_app(paths: list[str], *, api_key: Optional[str] = None, max_tokens_li
     async def lifespan(_app):
         yield
         state.worker.stop()
+        state.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="lorakit", lifespan=lifespan)
     app.state.lorakit = state
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
 
-    def log_line(request: Request, status: int, model: str = "-", tokens_in: int = 0, tokens_out: int = 0,
-                 started: Optional[float] = None) -> None:
-        started = started if started is not None else getattr(request.state, "started", time.perf_counter())
-        logger.info("%s %s status=%s model=%s tokens_in=%d tokens_out=%d latency_ms=%.1f", request.method,
-                    request.url.path, status, model, tokens_in, tokens_out, (time.perf_counter() - started) * 1000)
-
-    @app.middleware("http")
-    async def check_key_and_log(request: Request, call_next):
-        request.state.started = time.perf_counter()
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                log_line(request, 401)
-                return JSONResponse(error_body("missing or wrong API key; send 'Authorization: Bearer <key>'.",
-                                               code="invalid_api_key"), status_code=401)
-        response = await call_next(request)
-        if not getattr(request.state, "logged", False):  # generation routes log their own line
-            log_line(request, response.status_code)
-        return response
+    def log_line(request: Request, status: int, model: str = "-", tokens_in: int = 0, tokens_out: int = 0) -> None:
+        _log(request.method, request.url.path, status, request.state.started, model, tokens_in, tokens_out)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -307,25 +438,21 @@ def create_app(paths: list[str], *, api_key: Optional[str] = None, max_tokens_li
         request.state.logged = True
         return lambda reason, tokens_out: log_line(request, 200, model, tokens_in, tokens_out)
 
+    def client_gone(request: Request, model: str, tokens_in: int):
+        """The client left before its answer: nobody reads this, but the log says what happened."""
+        request.state.logged = True
+        log_line(request, 499, model, tokens_in)  # 499: nginx's "client closed request"
+        return Response(status_code=499)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_request(ChatCompletionRequest, await request.body())
-        request.state.model = req.model
-        req.check_supported()
-        served = state.model(req.model)
-        requested = req.requested_max_tokens()
-        state.check_limit(requested)
-        try:  # ids built as training built them; a passage too long for the context is shortened
-            ids = served.view.prompt_ids(req.conversation(), req.context, max_new_tokens=requested or 0)
-        except ModelError as exc:
-            raise APIError(400, exc.message, param="messages", code="context_length_exceeded") from None
-        max_new = state.budget(served, len(ids), requested, state.max_tokens_limit)
+        req, served, ids, max_new = await state.off_loop(state.prepare_chat, await request.body(), request.state)
         prompt_tokens = len(ids)
         job = Job(served, [ids], max_new, req.temperature, req.top_p, req.stop_strings())
         rid, created = new_id("chatcmpl"), int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = state.stream(
+            return state.stream(
                 job, finished(request, served.name, prompt_tokens),
                 lambda piece: chat_chunk(rid, served.name, created, {"content": piece}),
                 lambda reason: chat_chunk(rid, served.name, created, {}, reason),
@@ -333,36 +460,31 @@ def create_app(paths: list[str], *, api_key: Optional[str] = None, max_tokens_li
                 if include_usage else [],
                 opening=chat_chunk(rid, served.name, created, {"role": "assistant", "content": ""}),
             )
-            return StreamingResponse(body, media_type="text/event-stream")
-        gen = (await state.generate(job))[0]
+        gens = await state.generate(job, request)
+        if gens is None:
+            return client_gone(request, served.name, prompt_tokens)
+        gen = gens[0]
         finished(request, served.name, prompt_tokens)(gen.finish_reason, gen.completion_tokens)
         return chat_response(rid, served.name, gen.text, gen.finish_reason, prompt_tokens, gen.completion_tokens)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse_request(CompletionRequest, await request.body())
-        request.state.model = req.model
-        req.check_supported()
-        served = state.model(req.model)
-        prompts = req.prompts()
-        counts = [served.count(p) for p in prompts]
-        # OpenAI's default for completions is 16 new tokens
-        max_new = min(state.budget(served, c, req.max_tokens, 16) for c in counts)
-        if len(prompts) > state.worker.max_batch_size:
-            raise APIError(400, f"at most {state.worker.max_batch_size} prompts per request.", param="prompt")
+        req, served, prompts, counts, max_new = await state.off_loop(
+            state.prepare_completion, await request.body(), request.state)
         job = Job(served, prompts, max_new, req.temperature, req.top_p, req.stop_strings())
         rid, created = new_id("cmpl"), int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = state.stream(
+            return state.stream(
                 job, finished(request, served.name, counts[0]),
                 lambda piece: completion_chunk(rid, served.name, created, piece),
                 lambda reason: completion_chunk(rid, served.name, created, "", reason),
                 lambda out: [usage_chunk(rid, served.name, created, "text_completion", counts[0], out)]
                 if include_usage else [],
             )
-            return StreamingResponse(body, media_type="text/event-stream")
-        gens = await state.generate(job)
+        gens = await state.generate(job, request)
+        if gens is None:
+            return client_gone(request, served.name, sum(counts))
         tokens_out = sum(g.completion_tokens for g in gens)
         finished(request, served.name, sum(counts))("stop", tokens_out)
         return completion_response(rid, served.name, [(g.text, g.finish_reason) for g in gens], sum(counts), tokens_out)
@@ -372,7 +494,7 @@ def create_app(paths: list[str], *, api_key: Optional[str] = None, max_tokens_li
 
 def run_server(paths: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
                *, max_tokens_limit: int = 512, max_batch_size: int = 8, max_wait_ms: float = 10.0,
-               device: Optional[str] = None) -> None:
+               device: Optional[str] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
     """Load the models and serve them with uvicorn until interrupted.
 
     Raises:
@@ -382,7 +504,7 @@ def run_server(paths: list[str], host: str = "127.0.0.1", port: int = 8000, api_
     uvicorn = require("uvicorn", "serve", "Serving a model")
     _check_port(host, port)  # before minutes of model loading, not after
     app = create_app(paths, api_key=api_key, max_tokens_limit=max_tokens_limit, max_batch_size=max_batch_size,
-                     max_wait_ms=max_wait_ms, device=device)
+                     max_wait_ms=max_wait_ms, device=device, max_body_bytes=max_body_bytes)
     names = ", ".join(app.state.lorakit.models)
     key_note = "an API key is required" if (api_key or os.environ.get(API_KEY_ENV)) else "no API key"
     print(f"Serving {names} at http://{host}:{port}/v1 ({key_note}); Ctrl+C stops.", flush=True)
@@ -403,10 +525,11 @@ def _check_port(host: str, port: int) -> None:
 
 
 def serve_command(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
-                  max_tokens_limit: int = 512, max_batch_size: int = 8) -> None:
+                  max_tokens_limit: int = 512, max_batch_size: int = 8,
+                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
     """What `lorakit serve` runs: request log lines go to stderr."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logger.setLevel(logging.INFO)
     run_server(runs, host=host, port=port, api_key=api_key, max_tokens_limit=max_tokens_limit,
-               max_batch_size=max_batch_size)
+               max_batch_size=max_batch_size, max_body_bytes=max_body_bytes)

@@ -3,7 +3,8 @@
 The HTTP side only queues `Job`s. The worker takes the oldest job and gathers queued jobs for the
 same model with the same decoding settings, up to `max_batch_size` prompts or until `max_wait_ms`
 has passed, then generates them in one call. Streaming jobs run alone. A job whose client went
-away is skipped (or stopped mid-stream); nothing a job does can stop the worker.
+away (`Job.cancel()`) is skipped while queued, and its row stops at the next decoding step once
+running, streaming or not; nothing a job does can stop the worker.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
+
+from transformers import StoppingCriteria
 
 from .serve_schemas import APIError
 
@@ -41,12 +44,33 @@ class Job:
     emit: Optional[Callable[[object], None]] = None
     future: Future = field(default_factory=Future)
     cancelled: bool = False
+    generated: int = 0  # tokens generated so far (stream jobs): the honest `usage` count
+
+    def cancel(self) -> None:
+        """The client went away: skip this job if it is queued, stop its generation if it runs."""
+        self.cancelled = True
+        self.future.cancel()  # False once running; the flag then stops it between decoding steps
 
     @property
     def batch_key(self) -> Optional[tuple]:
         if self.emit is not None:
             return None  # streams run one at a time
         return (self.model.name, self.max_new_tokens, self.temperature, self.top_p, tuple(self.stop))
+
+
+class _StreamWatch(StoppingCriteria):
+    """Called by generate once per new token of a stream job: counts the tokens (re-tokenizing the
+    streamed text miscounts: specials dropped, pieces merged differently) and ends the generation
+    at the next step once the job is cancelled, even while no text piece has come out yet."""
+
+    def __init__(self, job: Job):
+        self.job = job
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.job.generated += 1
+        return torch.full((input_ids.shape[0],), self.job.cancelled, dtype=torch.bool, device=input_ids.device)
 
 
 class BatchWorker:
@@ -86,14 +110,16 @@ class BatchWorker:
                 logger.exception("the generation worker failed on a job for %s", job.model.name)
 
     def _take(self, job: Job, first: Job, size: int) -> bool:
-        return (job is not None and job.batch_key == first.batch_key
+        return (job is not None and not job.cancelled and job.batch_key == first.batch_key
                 and size + len(job.prompts) <= self.max_batch_size)
 
     def _gather(self, first: Job) -> list[Job]:
         """`first` plus compatible jobs already held or arriving within max_wait."""
         batch, size = [first], len(first.prompts)
         for job in list(self._held):
-            if self._take(job, first, size):
+            if job.cancelled:  # its client left while it waited: drop it
+                self._held.remove(job)
+            elif self._take(job, first, size):
                 self._held.remove(job)
                 if job.future.set_running_or_notify_cancel():
                     batch.append(job)
@@ -107,6 +133,8 @@ class BatchWorker:
                 job = self._queue.get(timeout=remaining)
             except queue.Empty:
                 break
+            if job is not None and job.cancelled:
+                continue
             if self._take(job, first, size):
                 if job.future.set_running_or_notify_cancel():
                     batch.append(job)
@@ -118,11 +146,13 @@ class BatchWorker:
     def _run_batch(self, batch: list[Job]) -> None:
         first = batch[0]
         prompts = [p for job in batch for p in job.prompts]
+        owners = [job for job in batch for _ in job.prompts]  # prompt index -> its job
         self.batch_sizes[len(prompts)] += 1
         try:
             generations = first.model.predictor.generate_prompts(
                 prompts, max_new_tokens=first.max_new_tokens, temperature=first.temperature,
                 top_p=first.top_p, batch_size=len(prompts), stop_strings=first.stop,
+                cancelled=lambda i: owners[i].cancelled,
             )
         except Exception as exc:  # a failed generation fails its requests, never the server
             logger.exception("generation failed for model %s", first.model.name)
@@ -138,7 +168,7 @@ class BatchWorker:
         try:
             pieces = job.model.predictor.stream_prompt(
                 job.prompts[0], max_new_tokens=job.max_new_tokens, temperature=job.temperature,
-                top_p=job.top_p, stop_strings=job.stop,
+                top_p=job.top_p, stop_strings=job.stop, stopping_criteria=[_StreamWatch(job)],
             )
             for piece in pieces:
                 if job.cancelled:  # the client went away: stop sending to it
