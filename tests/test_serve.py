@@ -266,15 +266,19 @@ def test_duplicate_model_ids_are_refused(runs):
 
 
 class _Recorder:
-    """Stands in for a Predictor: records each generate call and answers with the prompt."""
+    """Stands in for a Predictor: records each generate call and answers with the prompt. Its
+    first call waits at a gate, so the test can queue jobs while the worker is known to be busy."""
 
-    def __init__(self, delay: float = 0.0):
-        self.calls, self.delay = [], delay
+    def __init__(self):
+        self.calls = []
+        self.entered, self.release = threading.Event(), threading.Event()
 
     def generate_prompts(self, prompts, **decoding):
         from lorakit.evaluate.generate import Generation
 
-        time.sleep(self.delay)
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(30), "the test never opened the gate"
         self.calls.append((list(prompts), decoding["max_new_tokens"]))
         return [Generation(f"re:{p}", f"re:{p}", 1, 1, "stop") for p in prompts]
 
@@ -290,22 +294,25 @@ def _job(name, predictor, prompt, max_new=8):
 def test_worker_groups_only_compatible_jobs_and_survives_cancelled_ones():
     from lorakit.serve_worker import BatchWorker
 
-    slow = _Recorder(delay=0.2)
+    recorder = _Recorder()
     worker = BatchWorker(max_batch_size=3, max_wait_ms=50)
     try:
-        blocker = worker.submit(_job("a", slow, "first"))  # occupies the worker while the rest queue up
-        time.sleep(0.1)
-        jobs = [worker.submit(_job("a", slow, f"a{i}")) for i in range(4)]
-        other = worker.submit(_job("a", slow, "long", max_new=99))  # different decoding: its own batch
-        gone = worker.submit(_job("a", slow, "gone"))
-        gone.future.cancel()  # its client disconnected before it ran
+        blocker = worker.submit(_job("a", recorder, "first"))
+        assert recorder.entered.wait(30), "the worker never started the first job"
+        # the worker is held inside the first batch: everything below is queued before it looks again
+        jobs = [worker.submit(_job("a", recorder, f"a{i}")) for i in range(4)]
+        other = worker.submit(_job("a", recorder, "long", max_new=99))  # different decoding: its own batch
+        gone = worker.submit(_job("a", recorder, "gone"))
+        gone.cancel()  # its client disconnected before it ran
+        recorder.release.set()
         results = [j.future.result(timeout=30)[0].text for j in [blocker, *jobs, other]]
     finally:
+        recorder.release.set()
         worker.stop()
     assert results == ["re:first", "re:a0", "re:a1", "re:a2", "re:a3", "re:long"]
-    batches = [(sorted(p), m) for p, m in slow.calls]
-    assert (["a0", "a1", "a2"], 8) in batches and (["long"], 99) in batches
-    assert all(len(p) <= 3 for p, _ in batches) and not any("gone" in p for p, _ in batches)
+    batches = [(sorted(p), m) for p, m in recorder.calls]
+    assert batches == [(["first"], 8), (["a0", "a1", "a2"], 8), (["a3"], 8), (["long"], 99)]
+    assert gone.future.cancelled()
 
 
 def test_busy_port_is_a_clear_error(runs):
