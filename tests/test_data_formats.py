@@ -311,3 +311,25 @@ def test_unparseable_structured_answers_cell(tmp_path):
     rows = [{"question": "q", "context": "c", "answers": "{'text': array(['x'], dtype=object)}"}]
     with pytest.raises(DataError, match=r"u.csv record 0 \(line 2\): field 'answers' looks like a list"):
         load_examples(str(write_csv(tmp_path / "u.csv", rows)))
+
+
+def test_squad_answer_offsets_are_repaired_and_counted(tmp_path):
+    from lorakit.data.formats import ANSWER_NOT_IN_CONTEXT, ANSWER_START_FIXED, _check_starts
+
+    context = "A cat sat. The cat ran. A dog slept."
+    qas = [
+        {"id": "ok", "question": "Who sat?", "answers": [{"text": "cat", "answer_start": 2}]},
+        {"id": "off", "question": "Who ran?", "answers": [{"text": "cat", "answer_start": 13}]},
+        {"id": "gone", "question": "Who flew?", "answers": [{"text": "bird", "answer_start": 0}]},
+    ]
+    path = write_json(tmp_path / "squad.json", {"data": [{"title": "t", "paragraphs": [{"context": context, "qas": qas}]}]})
+    loaded = load_examples(str(path))
+    assert [ex.id for ex in loaded.examples] == ["ok", "off", "gone"]  # suspect answers are kept, only counted
+    assert dict(loaded.report.repaired) == {ANSWER_START_FIXED: 1, ANSWER_NOT_IN_CONTEXT: 1}
+    assert f"kept, {ANSWER_START_FIXED}: 1" in loaded.report.summary()
+    # the nearest occurrence wins: offset 13 is 2 away from "cat" at 15 and 11 away from the one at 2
+    assert _check_starts(read_raw(path), context, ["cat", "cat", "bird"], [2, 13, 0]) == [2, 15, None]
+    flat = write_json(tmp_path / "flat.json", [
+        {"question": "Who ran?", "context": context, "answers": {"text": ["cat"], "answer_start": [14]}},
+    ])
+    assert dict(load_examples(str(flat)).report.repaired) == {ANSWER_START_FIXED: 1}

@@ -65,7 +65,7 @@ def test_unknown_suffix(tmp_path):
 def test_ragged_csv_row_names_the_line(tmp_path):
     path = tmp_path / "ragged.csv"
     path.write_text("question,answer\nq1,a1\nq2,a2,extra\n", encoding="utf-8")
-    with pytest.raises(DataError, match="line 3 has more fields"):
+    with pytest.raises(DataError, match="line 3 has 3 fields but the header has 2 columns"):
         read_raw(path)
 
 
@@ -101,3 +101,81 @@ def test_utf8_bom_is_ignored(tmp_path):
     path = tmp_path / "bom.csv"
     path.write_bytes("\ufeffquestion,answer\nq,a\n".encode("utf-8"))
     assert read_raw(path).data == [{"question": "q", "answer": "a"}]
+
+
+def test_short_csv_row_names_the_line_like_a_ragged_one(tmp_path):
+    path = tmp_path / "short.csv"
+    path.write_text("question,answer,context\nq1,a1,c1\n\nq2,a2\n", encoding="utf-8")
+    with pytest.raises(DataError, match="line 4 has 2 fields but the header has 3 columns"):
+        read_raw(path)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_utf16_and_utf32_files_name_the_encoding(tmp_path, encoding):
+    path = tmp_path / "wide.json"
+    path.write_bytes(json.dumps([{"question": "q", "answer": "a"}]).encode(encoding))
+    with pytest.raises(DataError, match=r"encoded as UTF-(16|32)") as err:
+        read_raw(path)
+    assert "UTF-8" in err.value.hint and "comma" not in str(err.value)
+
+
+def test_utf16_without_bom_is_found_by_its_nul_bytes(tmp_path):
+    path = tmp_path / "wide.jsonl"
+    path.write_bytes('{"question": "q", "answer": "a"}\n'.encode("utf-16-le"))
+    with pytest.raises(DataError, match="UTF-16 LE"):
+        read_raw(path)
+
+
+@pytest.mark.parametrize("name, text, says", [
+    ("empty.json", "", "the file is empty"),
+    ("blank.jsonl", "\n \n", "the file is empty"),
+    ("list.json", "[]", "holds no records"),
+    ("header.csv", "question,answer\n", "holds no records"),
+    ("wrapped.json", '{"data": []}', "holds no records"),
+])
+def test_empty_files_say_they_are_empty(tmp_path, name, text, says):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=says) as err:
+        load_examples(str(path))
+    assert "(none)" not in str(err.value)
+
+
+def test_deeply_nested_json_is_a_data_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    with pytest.raises(DataError, match="too deeply"):
+        read_raw(path)
+
+
+def test_huge_integer_names_its_line(tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_text('{"question": "q", "answer": "a"}\n{"question": "q", "answer": ' + "9" * 5000 + "}\n", encoding="utf-8")
+    with pytest.raises(DataError, match="line 2 holds a number with more than"):
+        read_raw(path)
+    nested = tmp_path / "big.json"
+    nested.write_text('[\n{"question": "q",\n "answer": ' + "9" * 5000 + "}]", encoding="utf-8")
+    with pytest.raises(DataError, match="line 3 holds a number"):
+        read_raw(nested)
+
+
+def test_duplicate_json_keys_warn_with_file_line_and_key(tmp_path, caplog):
+    path = tmp_path / "dup.json"
+    path.write_text('[{"question": "q",\n  "answer": "first",\n  "answer": "second"}]', encoding="utf-8")
+    with caplog.at_level("WARNING", logger="lorakit.data"):
+        raw = read_raw(path)
+    assert raw.data == [{"question": "q", "answer": "second"}]  # the last value wins, as in json
+    assert "dup.json line 3: duplicate key 'answer'" in caplog.text
+    lines = tmp_path / "dup.jsonl"
+    lines.write_text('{"question": "q", "answer": "a"}\n{"question": "q", "question": "r", "answer": "b"}\n', encoding="utf-8")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lorakit.data"):
+        read_raw(lines)
+    assert "dup.jsonl line 2: duplicate key 'question'" in caplog.text
+
+
+def test_unreadable_path_is_a_data_error(tmp_path):
+    from lorakit.data.loaders import read_bytes
+
+    with pytest.raises(DataError, match="cannot read the file"):
+        read_bytes(tmp_path)  # a folder

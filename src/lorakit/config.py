@@ -7,6 +7,7 @@ the key, the bad value and a fix. Unknown keys are errors with a "did you mean" 
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -15,9 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 
+logger = logging.getLogger("lorakit.config")
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never meaningful settings (learning_rate: .inf trained a NaN adapter)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SplitConfig(Section):
@@ -110,6 +114,52 @@ class TrainConfig(Section):
     auto_fit: bool = Field(False, description="Pick micro-batch, accumulation, checkpointing to fit the device (see lorakit plan --fit).")
     overwrite: bool = Field(False, description="Allow training into a run folder that already holds a finished adapter.")
 
+    @field_validator("optimizer", "lr_scheduler")
+    @classmethod
+    def _known_to_transformers(cls, value: str, info) -> str:
+        return _check_transformers_name(info.field_name, value)
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, value: list[str]) -> list[str]:
+        if value:
+            from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+            for name in value:
+                _one_of(name, "report_to", list(INTEGRATION_TO_CALLBACK), extra=" (or [] for none)")
+        return value
+
+    @field_validator("best_metric")
+    @classmethod
+    def _known_metric(cls, value: Optional[str]) -> Optional[str]:
+        if value:
+            _one_of(_eval_name(value), "best_metric", ["eval_loss", *GENERATION_METRICS], extra=", or null")
+        return value
+
+    @model_validator(mode="after")
+    def _best_metric_is_logged(self):
+        """The metric that picks the best checkpoint must be one that evaluation logs, and
+        checkpoints must fall on evaluated steps; the Trainer finds out only at the first
+        evaluation, after training time is spent."""
+        if not self.best_metric:
+            return self
+        metric = _eval_name(self.best_metric)
+        logged = ["eval_loss"] + (list(GENERATION_METRICS) if self.generation_eval_every else [])
+        if metric not in logged:
+            needs = " (eval_exact_match and eval_f1 need train.generation_eval_every)" if metric in GENERATION_METRICS else ""
+            raise Problem(
+                f"best_metric {self.best_metric!r} is never logged{needs}; evaluation logs {', '.join(logged)}",
+                "set train.best_metric to one of those (eval_f1/eval_exact_match with train.generation_eval_every), or to null",
+            )
+        eval_every = self.generation_eval_every or self.eval_every
+        if eval_every and self.save_every and self.save_every % eval_every:
+            which = "generation_eval_every" if self.generation_eval_every else "eval_every"
+            raise Problem(
+                f"save_every ({self.save_every}) must be a multiple of train.{which} ({eval_every}) so the best checkpoint is kept",
+                f"set train.save_every={eval_every * max(1, round(self.save_every / eval_every))}, or train.best_metric=null",
+            )
+        return self
+
 
 class EvalConfig(Section):
     split: Literal["train", "validation", "test"] = Field("test", description="Which split of the run's data lorakit eval scores.")
@@ -120,6 +170,13 @@ class EvalConfig(Section):
     max_examples: Optional[int] = Field(None, ge=1, description="Score at most this many examples.")
     lang: Optional[str] = Field(None, description="Language code for answer normalization (fa, bn, ...); None picks per example from the references.")
     bleu_tokenize: str = Field("auto", description="sacreBLEU tokenizer: auto, 13a, intl, char, zh, ...")
+
+    @field_validator("bleu_tokenize")
+    @classmethod
+    def _known_bleu_tokenizer(cls, value: str) -> str:
+        from sacrebleu.metrics.bleu import _TOKENIZERS  # sacreBLEU's own registry of tokenizer names
+
+        return _one_of(value, "bleu_tokenize", ["auto", *_TOKENIZERS])
 
 
 class ServeConfig(Section):
@@ -146,6 +203,45 @@ class LorakitConfig(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
+class Problem(ValueError):
+    """A validator's finding: what is wrong, and the fix (reported in the error's Fix: part)."""
+
+    def __init__(self, what: str, fix: str):
+        self.what, self.fix = what, fix
+        super().__init__(what)
+
+
+GENERATION_METRICS = ("eval_exact_match", "eval_f1")
+# The defaults are valid names (test_config checks them); only other names import transformers,
+# which takes seconds.
+DEFAULT_NAMES = {"optimizer": "adamw_torch", "lr_scheduler": "cosine"}
+
+
+def _eval_name(metric: str) -> str:
+    """The name evaluation logs a metric under (train.py prefixes eval_ the same way)."""
+    return metric if metric.startswith("eval_") else f"eval_{metric}"
+
+
+def _check_transformers_name(key: str, value: str) -> str:
+    """An optimizer or scheduler name that transformers' TrainingArguments accepts."""
+    if value == DEFAULT_NAMES[key]:
+        return value
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    enum = OptimizerNames if key == "optimizer" else SchedulerType
+    return _one_of(value, key, [member.value for member in enum])
+
+
+def _one_of(value: str, key: str, valid: list[str], extra: str = "") -> str:
+    """`value` when it is in `valid`, else a Problem suggesting the closest valid name."""
+    if value in valid:
+        return value
+    close = [name for name in valid if name.startswith(value)][:1] or difflib.get_close_matches(value, valid, n=1)
+    guess = f"did you mean '{close[0]}'? " if close else ""
+    raise Problem(f"unknown {key} {value!r}", f"{guess}use one of: {', '.join(valid)}{extra}")
+
+
 # --- loading -------------------------------------------------------------------------------
 
 
@@ -170,6 +266,10 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
                 f"--set '{item}' has no '='.", hint="write --set section.key=value, e.g. --set train.epochs=2"
             )
         key, raw = item.split("=", 1)
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(
+                f"--set '{item}': '{key}' is not a key.", hint="write --set section.key=value, e.g. --set train.epochs=2"
+            )
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
@@ -193,32 +293,43 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(getattr(current, "model_fields", {}).keys())
 
 
-def _describe(err: dict, model: type[BaseModel]) -> str:
-    loc = tuple(p for p in err["loc"] if not isinstance(p, int) or True)
+def _describe(err: dict, model: type[BaseModel]) -> tuple[str, str]:
+    """(what is wrong, how to fix it) for one pydantic error, both naming the key."""
+    loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         known = _known_keys(model, loc)
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         suggestion = f" Did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else ""
-        return f"{key}: unknown key.{suggestion} Valid keys here: {', '.join(known)}."
+        return f"{key}: unknown key.{suggestion}", f"{key}: rename or remove it; valid keys here: {', '.join(known)}"
     if err["type"] == "missing":
-        return f"{key}: required but missing. Add it to the config or pass --set {key}=..."
+        return f"{key}: required but missing", f"add {key} to the config or pass --set {key}=..."
+    problem = (err.get("ctx") or {}).get("error")
+    if isinstance(problem, Problem):  # our own validators say what to do
+        where = key if key != "(top level)" else "config"
+        return f"{where}: {problem.what}", problem.fix
     value = err.get("input")
     shown = repr(value) if not isinstance(value, dict) else "{...}"
-    return f"{key}: {err['msg']} (got {shown})."
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {shown})", f"set {key} to a value that satisfies: {message[:1].lower()}{message[1:]}"
 
 
 def validate_config(tree: dict, source: str = "config") -> LorakitConfig:
     """Validate a raw config tree, reporting every problem at once."""
     if not isinstance(tree, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections (data, model, ...).")
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of sections (data, model, ...).",
+            hint="start from a config in examples/: data:, model:, train: ... at the left margin",
+        )
     try:
         return LorakitConfig.model_validate(tree)
     except ValidationError as exc:
-        problems = [_describe(err, LorakitConfig) for err in exc.errors()]
-        listing = "; ".join(problems)
+        described = [_describe(err, LorakitConfig) for err in exc.errors()]
+        problems = [what for what, _ in described]
         raise ConfigError(
-            f"{source}: {len(problems)} problem(s): {listing}", problems=problems
+            f"{source}: {len(problems)} problem(s): {'; '.join(problems)}.",
+            hint="; ".join(fix for _, fix in described),
+            problems=problems,
         ) from None
 
 
@@ -227,10 +338,17 @@ def load_config_tree(path: str | Path | None, overrides: list[str] | None = None
     tree: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"'{path}' is a folder, not a config file.", hint="give the YAML file itself, e.g. examples/faq_chatbot.yaml")
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist.", hint="check the path, or start from one in examples/")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loader = _WarnDuplicatesLoader(_read_utf8(path))
+            loader.name = str(path)  # for the duplicate-key warning
+            try:
+                loaded = loader.get_single_data()
+            finally:
+                loader.dispose()
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -238,11 +356,65 @@ def load_config_tree(path: str | Path | None, overrides: list[str] | None = None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, ...).")
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of sections (data, model, ...).",
+                hint="start from a config in examples/: data:, model:, train: ... at the left margin",
+            )
         tree = loaded
     for key, value in parse_overrides(overrides):
         _set_dotted(tree, key, value)
     return tree
+
+
+def _read_utf8(path: Path) -> str:
+    """A config file's text; anything but UTF-8 is an error naming the line and the fix."""
+    from .data.loaders import wide_encoding
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}.", hint="check the path and its permissions") from None
+    encoding = wide_encoding(data)
+    if encoding:
+        raise ConfigError(f"{path}: the file is encoded as {encoding}, not UTF-8.", hint="re-save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}: line {line} holds the byte 0x{data[exc.start]:02x}, which is not UTF-8 (the file was saved as Latin-1 or Windows-1252?).",
+            hint="re-save the file as UTF-8",
+        ) from None
+
+
+class _WarnDuplicatesLoader(yaml.SafeLoader):
+    """YAML keeps the last of two equal keys silently; say so, since one of them was a mistake."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                logger.warning(
+                    "warning: %s line %d: duplicate key '%s'; the last value is used.",
+                    self.name, key_node.start_mark.line + 1, key,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def check_paths(config: LorakitConfig) -> None:
+    """Checks against the file system that need no data, tokenizer or weights: the run folder
+    can be created under train.output_dir."""
+    output = Path(config.train.output_dir).expanduser()
+    for folder in (output, *output.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"train.output_dir: '{folder}' is a file, so run folders cannot be made under '{output}'.",
+                    hint="set train.output_dir to a folder (it is created when missing), e.g. runs",
+                )
+            break
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> LorakitConfig:
@@ -251,10 +423,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     Relative data paths are resolved against the config file's folder when they exist there.
 
     Raises:
-        ConfigError: the file is missing or not YAML, or any key or value is invalid.
+        ConfigError: the file is missing, not UTF-8 or not YAML, any key or value is invalid, or
+            train.output_dir lies under a file.
     """
     tree = load_config_tree(path, overrides)
     config = validate_config(tree, source=str(path) if path else "config")
+    check_paths(config)
     if path is not None:
         base = Path(path).resolve().parent
         for attr in ("path", "validation_path", "test_path"):

@@ -72,6 +72,7 @@ def load_examples(
         format = "columns" if column_map else detect_format(raw)
     examples = to_examples(raw, format, column_map=column_map, no_answer=no_answer)
     kept, report = clean_examples(examples, deduplicate=deduplicate)
+    report.repaired.update(raw.counts)
     return LoadedData(examples=kept, format=format, report=report)
 
 

@@ -28,6 +28,7 @@ class CleanReport:
 
     kept: int = 0
     dropped: list[tuple[str, str]] = field(default_factory=list)
+    repaired: Counter = field(default_factory=Counter)  # kept records with a repaired or suspect field
 
     @property
     def counts(self) -> dict[str, int]:
@@ -39,7 +40,9 @@ class CleanReport:
         return self.kept + len(self.dropped)
 
     def merge(self, other: "CleanReport") -> "CleanReport":
-        return CleanReport(kept=self.kept + other.kept, dropped=self.dropped + other.dropped)
+        return CleanReport(
+            kept=self.kept + other.kept, dropped=self.dropped + other.dropped, repaired=self.repaired + other.repaired
+        )
 
     def summary(self, examples_shown: int = 3) -> str:
         """One line of totals, then one line per reason with a few sources as examples."""
@@ -48,6 +51,7 @@ class CleanReport:
             sources = [source for source, why in self.dropped if why == reason][:examples_shown]
             more = ", ..." if count > len(sources) else ""
             lines.append(f"  {reason}: {count} ({', '.join(sources)}{more})")
+        lines += [f"  kept, {what}: {count}" for what, count in self.repaired.items()]
         return "\n".join(lines)
 
 

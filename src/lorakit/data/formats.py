@@ -17,6 +17,10 @@ from ..errors import DataError
 from .example import Example
 from .loaders import RawData
 
+# Counted in the cleaning report: SQuAD answers whose answer_start did not point at their text.
+ANSWER_START_FIXED = "answer_start corrected to where the answer occurs"
+ANSWER_NOT_IN_CONTEXT = "answer text not found in its context"
+
 FORMATS = ("squad", "squad_flat", "qa", "faq", "alpaca", "sharegpt", "messages", "columns")
 COLUMN_FIELDS = ("question", "answer", "context", "system", "id", "group")
 
@@ -88,6 +92,8 @@ def _records(raw: RawData) -> tuple[list[dict], bool]:
         if len(lists) != 1:
             raise _unknown(raw, list(data.keys()), top_level=True)
         data, wrapped = data[lists[0]], True
+    if not data:
+        raise DataError(f"{raw.name}: the file holds no records.", hint="point data.path at the file that holds your records")
     for index, record in enumerate(data):
         if not isinstance(record, dict):
             raise DataError(
@@ -225,15 +231,39 @@ def _convert_squad(raw: RawData, no_answer: str) -> list[Example]:
                 answers = qa.get("answers") or []
                 if not isinstance(answers, list) or not all(isinstance(item, dict) for item in answers):
                     raise DataError(f"{where}: field 'answers' must be a list of {{\"text\", \"answer_start\"}}.", hint="fix that record")
+                texts = [_text(item.get("text"), where, "answers.text") for item in answers]
+                _check_starts(raw, context, texts, [item.get("answer_start") for item in answers])
                 index = len(examples)
                 examples.append(_qa_example(
                     _text(qa.get("question"), where, "question"),
-                    [_text(item.get("text"), where, "answers.text") for item in answers],
+                    texts,
                     context=context, system=None, is_impossible=bool(qa.get("is_impossible", False)),
                     no_answer=no_answer, id=str(qa["id"]) if qa.get("id") is not None else f"{raw.stem}-{index}",
                     source=f"{raw.name}:{index}", group=title or context,
                 ))
     return examples
+
+
+def _check_starts(raw: RawData, context: str, texts: list[str], starts: list) -> list[Optional[int]]:
+    """SQuAD answer offsets, repaired where they do not point at the answer text: the start of
+    the occurrence of the text nearest the given offset. Counts what was fixed (or could not be)
+    in raw.counts, for the cleaning report; returns the corrected offsets."""
+    fixed: list[Optional[int]] = []
+    for text, start in zip(texts, starts):
+        if not isinstance(start, int) or isinstance(start, bool) or not text:
+            fixed.append(start if isinstance(start, int) else None)
+            continue
+        if context[start:start + len(text)] == text:
+            fixed.append(start)
+            continue
+        found = [i for i in range(len(context)) if context.startswith(text, i)]
+        if found:
+            fixed.append(min(found, key=lambda i: abs(i - start)))
+            raw.counts[ANSWER_START_FIXED] += 1
+        else:
+            fixed.append(None)
+            raw.counts[ANSWER_NOT_IN_CONTEXT] += 1
+    return fixed
 
 
 def _resolve_columns(raw: RawData, records: list[dict], fmt: str, column_map: dict) -> dict[str, Optional[str]]:
@@ -306,7 +336,10 @@ def _convert_table(raw: RawData, records: list[dict], fmt: str, column_map: dict
         def field(name: str) -> str:
             return _text(record.get(columns[name]), where, columns[name]) if columns[name] else ""
 
-        answers = _parse_answers(record.get(columns["answer"]), where, columns["answer"], structured)
+        cell = record.get(columns["answer"])
+        answers = _parse_answers(cell, where, columns["answer"], structured)
+        if isinstance(cell, dict) and isinstance(cell.get("answer_start"), list) and answers:
+            _check_starts(raw, field("context"), answers, cell["answer_start"])
         flagged = record.get("is_impossible") in (True, "true", "True", "1", 1)
         # An explicitly empty answer list marks an unanswerable question; a blank cell is missing data.
         impossible = flagged or (structured and answers == [])

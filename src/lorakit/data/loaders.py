@@ -10,13 +10,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import DataError
+
+logger = logging.getLogger("lorakit.data")
 
 SUFFIXES = {
     ".json": "json",
@@ -45,6 +49,7 @@ class RawData:
     name: str
     kind: str
     lines: Optional[list[int]] = field(default=None)
+    counts: Counter = field(default_factory=Counter)  # records repaired while converting, by what
 
     @property
     def stem(self) -> str:
@@ -74,7 +79,13 @@ def read_raw(path: str | Path, hub_split: str = "train") -> RawData:
                 f"{local}: unknown file type '{local.suffix}'.",
                 hint=f"use one of {', '.join(sorted(SUFFIXES))}, or a folder saved with datasets' save_to_disk",
             )
-        return _READERS[kind](local)
+        raw = _READERS[kind](local)
+        if not raw.data:
+            raise DataError(
+                f"{local}: the file holds no records.",
+                hint="point data.path at the file that holds your records",
+            )
+        return raw
     if _looks_like_hub_name(text_path):
         return _read_hub(text_path, hub_split)
     raise DataError(
@@ -87,15 +98,106 @@ def _looks_like_hub_name(text: str) -> bool:
     return bool(_HUB_NAME.match(text)) and Path(text).suffix.lower() not in SUFFIXES
 
 
+# Byte-order marks of the encodings people save text in by mistake (Windows "Unicode" is UTF-16).
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32 LE"), (b"\x00\x00\xfe\xff", "UTF-32 BE"),
+    (b"\xff\xfe", "UTF-16 LE"), (b"\xfe\xff", "UTF-16 BE"),
+)
+
+
+def wide_encoding(data: bytes) -> Optional[str]:
+    """The name of a UTF-16/32 encoding when `data` looks like one (a BOM, or NUL bytes, which
+    UTF-8 text never holds), else None. Such files otherwise fail with misleading syntax errors."""
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            return name
+    head = data[:4096]
+    if b"\x00" in head:
+        # ASCII characters in UTF-16 have their NUL byte after (LE) or before (BE) them
+        return "UTF-16 LE" if head[1::2].count(0) > head[0::2].count(0) else "UTF-16 BE"
+    return None
+
+
+def read_bytes(path: Path) -> bytes:
+    """A user's file as bytes; missing, unreadable or folder paths become a DataError."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file: {exc.strerror}.", hint="check the path and its permissions") from None
+
+
 def _decode(path: Path) -> str:
+    data = read_bytes(path)
+    encoding = wide_encoding(data)
+    if encoding:
+        raise DataError(
+            f"{path}: the file is encoded as {encoding}, not UTF-8.",
+            hint="re-save it as UTF-8 (in most editors: Save As -> Encoding: UTF-8)",
+        )
+    if not data.strip():
+        raise DataError(f"{path}: the file is empty.", hint="point data.path at the file that holds your records")
     # surrogateescape keeps invalid bytes as lone surrogates; clean.py drops those records.
-    return path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    return data.decode("utf-8-sig", errors="surrogateescape")
+
+
+class _DuplicateKeys:
+    """object_pairs_hook that builds dicts like json does (the last value wins) and remembers
+    duplicated keys; the C parser keeps no positions, so lines are found only when one occurs."""
+
+    def __init__(self):
+        self.found: list[str] = []
+
+    def __call__(self, pairs):
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            seen = set()
+            self.found += [key for key, _ in pairs if key in seen or seen.add(key)]
+        return result
+
+
+def _loads(text: str, path: Path, line: Optional[int] = None) -> Any:
+    """json.loads with one-line errors for what the json module reports as Python exceptions.
+
+    line: the line of `text` in the file (JSON Lines), for messages.
+    Raises json.JSONDecodeError for syntax errors, which callers word themselves.
+    """
+    hook = _DuplicateKeys()
+    where = f"line {line}" if line else "the file"
+    try:
+        data = json.loads(text, object_pairs_hook=hook)
+    except RecursionError:
+        raise DataError(
+            f"{path}: {where} nests lists or objects too deeply to read.",
+            hint="records need only a few levels of nesting; re-export the data flat",
+        ) from None
+    except ValueError as exc:
+        if isinstance(exc, json.JSONDecodeError) or "digits" not in str(exc):
+            raise
+        # Python refuses to convert integers longer than sys.get_int_max_str_digits()
+        match = re.search(r"\d{%d,}" % (sys.get_int_max_str_digits() + 1), text)
+        number_line = (line or 1) + (text.count("\n", 0, match.start()) if match else 0)
+        raise DataError(
+            f"{path}: line {number_line} holds a number with more than {sys.get_int_max_str_digits()} digits.",
+            hint="write such values as strings (in quotes), or remove them",
+        ) from None
+    if hook.found:
+        for key in dict.fromkeys(hook.found):
+            key_line = line or _line_of_key(text, key)
+            logger.warning("warning: %s line %s: duplicate key '%s'; the last value is used.", path, key_line, key)
+    return data
+
+
+def _line_of_key(text: str, key: str) -> int:
+    """The line of the second occurrence of `"key":` (the first duplicate), for the warning."""
+    needle = re.compile(re.escape(json.dumps(key, ensure_ascii=False)) + r"\s*:")
+    positions = [m.start() for m in needle.finditer(text)][:2]
+    return text.count("\n", 0, positions[-1]) + 1 if positions else 1
 
 
 def _read_json(path: Path) -> RawData:
     text = _decode(path)
     try:
-        data = json.loads(text)
+        data = _loads(text, path)
     except json.JSONDecodeError as exc:
         # A .json file that is really JSON Lines (very common): read it line by line instead.
         if exc.msg == "Extra data" and text.lstrip().startswith("{"):
@@ -122,7 +224,7 @@ def _parse_jsonl(text: str, path: Path, kind: str) -> RawData:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = _loads(line, path, line=number)
         except json.JSONDecodeError as exc:
             raise DataError(
                 f"{path}: malformed JSON on line {number}, column {exc.colno}: {exc.msg}.",
@@ -140,18 +242,24 @@ def _parse_jsonl(text: str, path: Path, kind: str) -> RawData:
 
 def _read_delimited(path: Path, delimiter: str, kind: str) -> RawData:
     csv.field_size_limit(sys.maxsize)  # long passages exceed the 128 KiB default
-    reader = csv.DictReader(io.StringIO(_decode(path), newline=""), delimiter=delimiter)
-    if not reader.fieldnames:
-        raise DataError(f"{path}: the file is empty or has no header row.", hint="put the column names on the first line")
+    # restval marks short rows: DictReader would otherwise fill them with None silently
+    reader = csv.DictReader(io.StringIO(_decode(path), newline=""), delimiter=delimiter, restval=_MISSING)
     records, lines = [], []
-    for row in reader:
-        if None in row:
-            raise DataError(
-                f"{path}: line {reader.line_num} has more fields than the {len(reader.fieldnames)} header columns.",
-                hint=f"quote values that contain '{delimiter}' or fix that line",
-            )
-        records.append({key.strip(): value for key, value in row.items()})
-        lines.append(reader.line_num)
+    try:
+        if not reader.fieldnames:
+            raise DataError(f"{path}: the file has no header row.", hint="put the column names on the first line")
+        width = len(reader.fieldnames)
+        for row in reader:
+            if None in row or _MISSING in row.values():
+                count = width + len(row.get(None, [])) - list(row.values()).count(_MISSING)
+                raise DataError(
+                    f"{path}: line {reader.line_num} has {count} fields but the header has {width} columns.",
+                    hint=f"quote values that contain '{delimiter}', and give every row all {width} fields (empty ones as {delimiter}{delimiter})",
+                )
+            records.append({key.strip(): value for key, value in row.items()})
+            lines.append(reader.line_num)
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num}: malformed {kind.upper()}: {exc}.", hint="fix the quoting on that line") from None
     return RawData(data=records, path=str(path), name=path.name, kind=kind, lines=lines)
 
 
@@ -209,6 +317,8 @@ def _read_hub(name: str, hub_split: str) -> RawData:
         ) from None
     return RawData(data=loaded.to_list(), path=name, name=name, kind="hub")
 
+
+_MISSING = object()
 
 _READERS = {
     "json": _read_json,
