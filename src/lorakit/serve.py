@@ -15,17 +15,13 @@ the same decoding settings are generated together, up to `max_batch_size` prompt
 
 
 import asyncio
-import copy
 import hmac
 import json
 import logging
 import os
-import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from contextlib import asynccontextmanager
 from typing import Callable, Optional
 
 from .errors import LorakitError, ModelError, ServeError, require
@@ -43,130 +39,11 @@ from .serve_schemas import (
     parse_request,
     usage_chunk,
 )
-from .serve_worker import BatchWorker, Job
+from .serve_worker import PREPARE_THREADS, BatchWorker, Job, ServedModel, load_models
 
 logger = logging.getLogger("lorakit.serve")
 API_KEY_ENV = "LORAKIT_API_KEY"
-
-
-# --- loading the models --------------------------------------------------------------------------
-
-
-PREPARE_THREADS = 2  # threads that parse, render and tokenize requests, off the event loop
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
-
-
-@dataclass
-class ServedModel:
-    """One model id: its Predictor, plus views of it with private tokenizer copies, one per
-    preparing thread, so prompts are tokenized beside the worker (which uses the original) and
-    beside each other (a fast tokenizer shared across threads can fail with "Already borrowed")."""
-
-    name: str
-    predictor: object
-    base: Optional[str]
-    created: int
-
-    def __post_init__(self):
-        self._views: queue.Queue = queue.Queue()
-        for _ in range(PREPARE_THREADS):
-            view = copy.copy(self.predictor)
-            view.tokenizer = copy.deepcopy(self.predictor.tokenizer)
-            view.name = self.name  # error messages name the served id, not the run folder
-            self._views.put(view)
-
-    @contextmanager
-    def view(self):
-        view = self._views.get()
-        try:
-            yield view
-        finally:
-            self._views.put(view)
-
-
-def _public_name(base: Optional[str]) -> Optional[str]:
-    """A base model as clients may see it: a hub id as is, a local folder by its name only."""
-    if not base:
-        return None
-    path = Path(base).expanduser()
-    if path.is_absolute() or path.exists() or base.startswith((".", "~")):
-        return path.name
-    return base
-
-
-def _split_spec(spec: str) -> tuple[Optional[str], str]:
-    """"NAME=PATH" -> (NAME, PATH); a plain path -> (None, path). A path may itself hold '='."""
-    name, sep, path = spec.partition("=")
-    if sep and name and "/" not in name and "\\" not in name and not Path(spec).exists():
-        return name, path
-    return None, spec
-
-
-def _base_key(info) -> Optional[tuple]:
-    """What must match for two adapters to share one loaded base model (None: cannot share)."""
-    if info.is_merged:
-        return None
-    base = info.base
-    quantization = info.config.model.quantization if info.config is not None else "none"
-    return (base.get("name_or_path"), base.get("gguf_file"), base.get("revision"), base.get("sha256"),
-            info.task_type, info.precision, quantization)
-
-
-def load_models(specs: list[str], *, device: Optional[str] = None) -> dict[str, ServedModel]:
-    """Load each run (or merged folder) once; adapters of one base model share its weights.
-
-    Raises:
-        ServeError: no paths, or two models would get the same id.
-        RunError / ModelError: a folder is not a usable run, or its model cannot be loaded.
-    """
-    from .infer import Predictor, load_predictor
-    from .runs import read_run
-
-    if not specs:
-        raise ServeError("no model to serve.", hint="pass one or more run folders: lorakit serve runs/NAME")
-    served: dict[str, ServedModel] = {}
-    hosts: dict[tuple, object] = {}  # base key -> the predictor whose model holds that base
-    for spec in specs:
-        name, path = _split_spec(spec)
-        info = read_run(path)
-        name = name or info.root.resolve().name
-        if name in served:
-            raise ServeError(
-                f"two models would both be served as '{name}' ('{path}' and an earlier one).",
-                hint=f"name them explicitly: lorakit serve first={path} second=OTHER_PATH",
-            )
-        key = _base_key(info)
-        host = hosts.get(key) if key is not None else None
-        if host is None:
-            predictor = load_predictor(path, device=device)
-            if key is not None:
-                # name the first adapter too, so switching back to it after another one works
-                predictor.adapter_name = predictor.model.active_adapter
-                hosts[key] = predictor
-        else:
-            adapter_name = f"served_{len(served)}"  # model ids may hold '.', which peft names may not
-            host.model.load_adapter(str(info.adapter_dir), adapter_name=adapter_name)
-            predictor = Predictor(
-                host.model, _run_tokenizer(info.adapter_dir, host.tokenizer), info.template,
-                task_type=info.task_type, name=name, system_prompt=info.system_prompt,
-                adapter_name=adapter_name, max_length=info.max_length,
-            )
-            logger.info("model %s shares the base weights already loaded for %s", name, host.name)
-        served[name] = ServedModel(name=name, predictor=predictor, base=_public_name(info.base.get("name_or_path")),
-                                   created=int(Path(path).stat().st_mtime))
-    return served
-
-
-def _run_tokenizer(adapter_dir: Path, fallback):
-    """The tokenizer saved beside an adapter (the one its training used), else the host's."""
-    if not (adapter_dir / "tokenizer_config.json").is_file():
-        return fallback
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 # --- the HTTP app --------------------------------------------------------------------------------
