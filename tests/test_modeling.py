@@ -106,3 +106,20 @@ def test_base_model_identity_hashes_local_weights(tiny_llama_dir):
     assert identity["name_or_path"] == str(tiny_llama_dir.resolve())
     hub = modeling.base_model_identity(ModelConfig(name_or_path="org/model", revision="abc123"))
     assert hub == {"name_or_path": "org/model", "gguf_file": None, "revision": "abc123", "sha256": None}
+
+
+def test_truncated_weights_name_the_file_before_loading(tmp_path, tiny_llama_dir):
+    import shutil
+
+    from lorakit.modeling import check_safetensors
+
+    check_safetensors(tiny_llama_dir)  # a complete file passes
+    folder = tmp_path / "cut"
+    shutil.copytree(tiny_llama_dir, folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    for cut in (len(data) - 1, len(data) // 2, 4, 0):
+        weights.write_bytes(data[:cut])
+        with pytest.raises(ModelError, match="model.safetensors' is truncated or damaged") as err:
+            modeling.load_base_model(ModelConfig(name_or_path=str(folder)), "causal")
+        assert "again" in err.value.hint

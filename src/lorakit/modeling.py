@@ -5,6 +5,7 @@ device, quantize when asked (QLoRA, CUDA only), and wrap the model with a peft L
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -266,9 +267,13 @@ def load_base_model(
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
     auto = AutoModelForSeq2SeqLM if task_type == "seq2seq" else AutoModelForCausalLM
+    if is_local and not gguf:
+        check_safetensors(Path(source))
+    from safetensors import SafetensorError
+
     try:
         model = auto.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise _load_error(f"{task_type} model", source, exc, is_local) from exc
     if quantized:
         from peft import prepare_model_for_kbit_training
@@ -278,6 +283,31 @@ def load_base_model(
     elif device is not None and "device_map" not in kwargs:
         model = model.to(device)
     return model
+
+
+def check_safetensors(folder: Path) -> None:
+    """Every .safetensors file in `folder` is complete: its header parses and the file is as long
+    as the header says. safetensors itself reports a cut file without naming it.
+
+    Raises:
+        ModelError: a weights file is truncated or damaged (an interrupted copy or download).
+    """
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                if size < 8 or 8 + length > size:
+                    raise ValueError("the header is cut off")
+                header = json.loads(handle.read(length))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+            if 8 + length + end > size:
+                raise ValueError(f"it holds {size:,} bytes but its header describes {8 + length + end:,}")
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise ModelError(
+                f"weights file '{path}' is truncated or damaged: {exc}.",
+                hint="copy or download the model again (an interrupted transfer leaves a cut file)",
+            ) from None
 
 
 # --- LoRA -----------------------------------------------------------------------------------
