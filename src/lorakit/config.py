@@ -35,7 +35,7 @@ class SplitConfig(Section):
     def _sum_to_one(self):
         total = self.train + self.validation + self.test
         if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"split fractions sum to {total:g}; make train + validation + test = 1")
+            raise Problem(f"split fractions sum to {total:g}", "make data.split train + validation + test = 1")
         return self
 
 
@@ -300,8 +300,8 @@ def _describe(err: dict, model: type[BaseModel]) -> tuple[str, str]:
     if err["type"] == "extra_forbidden":
         known = _known_keys(model, loc)
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        suggestion = f" Did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else ""
-        return f"{key}: unknown key.{suggestion}", f"{key}: rename or remove it; valid keys here: {', '.join(known)}"
+        suggestion = f" (did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?)" if close else ""
+        return f"{key}: unknown key{suggestion}", f"{key}: rename or remove it; valid keys here: {', '.join(known)}"
     if err["type"] == "missing":
         return f"{key}: required but missing", f"add {key} to the config or pass --set {key}=..."
     problem = (err.get("ctx") or {}).get("error")
@@ -327,7 +327,7 @@ def validate_config(tree: dict, source: str = "config") -> LorakitConfig:
         described = [_describe(err, LorakitConfig) for err in exc.errors()]
         problems = [what for what, _ in described]
         raise ConfigError(
-            f"{source}: {len(problems)} problem(s): {'; '.join(problems)}.",
+            f"{source}: {len(problems)} problem(s): {'; '.join(problems).rstrip('.?')}.",
             hint="; ".join(fix for _, fix in described),
             problems=problems,
         ) from None

@@ -46,7 +46,8 @@ def resolve_source(model_config: ModelConfig) -> tuple[str, Optional[str], bool]
     """(folder or hub id, gguf file name or None, is_local) for from_pretrained.
 
     Raises:
-        ModelError: a local path that does not exist or is not a model folder.
+        ModelError: a local path that does not exist or is not a model folder, or whose
+            safetensors weights are truncated.
     """
     name = model_config.name_or_path
     gguf = model_config.gguf_file
@@ -78,6 +79,8 @@ def resolve_source(model_config: ModelConfig) -> tuple[str, Optional[str], bool]
                 else "point model.name_or_path at a folder saved with save_pretrained (it has config.json)"
             )
             raise ModelError(f"model.name_or_path: folder '{path}' has no config.json, so it is not a model.", hint=hint)
+        else:
+            check_safetensors(path)  # a cut copy fails here, before anything else loads
         return str(path.resolve()), gguf, True
     if _looks_local(name):
         raise ModelError(
@@ -267,8 +270,6 @@ def load_base_model(
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
     auto = AutoModelForSeq2SeqLM if task_type == "seq2seq" else AutoModelForCausalLM
-    if is_local and not gguf:
-        check_safetensors(Path(source))
     from safetensors import SafetensorError
 
     try:
