@@ -211,6 +211,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         message = exc.message if not exc.hint else f"{exc.message} Fix: {exc.hint}"
         typer.echo(f"error: {message}", err=True)
         return exc.exit_code
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        # A safety net for a user's path that no check caught; errors without a path are bugs.
+        if exc.filename is None:
+            raise
+        typer.echo(f"error: {exc.strerror}: '{exc.filename}'. Fix: check that path (and its permissions)", err=True)
+        return 2
+    except UnicodeDecodeError as exc:
+        typer.echo(f"error: a file is not UTF-8 text ({exc.reason} at byte {exc.start}). Fix: re-save it as UTF-8", err=True)
+        return 2
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
