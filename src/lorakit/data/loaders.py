@@ -253,7 +253,7 @@ def _read_delimited(path: Path, delimiter: str, kind: str) -> RawData:
             if None in row or _MISSING in row.values():
                 count = width + len(row.get(None, [])) - list(row.values()).count(_MISSING)
                 raise DataError(
-                    f"{path}: line {reader.line_num} has {count} fields but the header has {width} columns.",
+                    f"{path}: line {reader.line_num} has {count} field{'' if count == 1 else 's'} but the header has {width} columns.",
                     hint=f"quote values that contain '{delimiter}', and give every row all {width} fields (empty ones as {delimiter}{delimiter})",
                 )
             records.append({key.strip(): value for key, value in row.items()})
