@@ -10,6 +10,7 @@ from lorakit.runs import (
     RunPaths,
     atomic_write_json,
     atomic_write_text,
+    mark_checkpoint_complete,
     prepare_run_dir,
     read_run,
     run_dir_for,
@@ -102,12 +103,20 @@ def test_prepare_run_dir_never_overwrites_a_finished_run(tmp_path):
     paths = _finished_run(tmp_path / "done")
     with pytest.raises(RunError, match="already holds a finished adapter.*overwrite=true"):
         prepare_run_dir(paths.root, resume=False, overwrite=False)
-    assert prepare_run_dir(paths.root, resume=False, overwrite=True).root == paths.root
-    with pytest.raises(RunError, match="cannot resume.*no checkpoint"):
+    staged = prepare_run_dir(paths.root, resume=False, overwrite=True)
+    # an overwrite trains beside the old run, which stays whole until the new one is published
+    assert staged.root == tmp_path / ".done.overwrite" and staged.publish_to == paths.root and not staged.root.exists()
+    with pytest.raises(RunError, match="already finished.*run_name=NEW"):
+        prepare_run_dir(paths.root, resume=True, overwrite=False)
+    with pytest.raises(RunError, match="cannot resume.*no complete checkpoint"):
         prepare_run_dir(tmp_path / "fresh", resume=True, overwrite=False)
-    (RunPaths(tmp_path / "half").checkpoints / "checkpoint-3").mkdir(parents=True)
-    (RunPaths(tmp_path / "half").checkpoints / "checkpoint-12").mkdir()
-    assert RunPaths(tmp_path / "half").latest_checkpoint().name == "checkpoint-12"
+    half = RunPaths(tmp_path / "half")
+    for step in (3, 12):
+        (half.checkpoints / f"checkpoint-{step}").mkdir(parents=True)
+        mark_checkpoint_complete(half.checkpoints / f"checkpoint-{step}", step)
+    (half.checkpoints / "checkpoint-20").mkdir()  # a save that never finished
+    assert half.latest_checkpoint().name == "checkpoint-12"
+    assert [f.name for f in half.incomplete_checkpoints()] == ["checkpoint-20"]
     with pytest.raises(RunError, match="unfinished run.*--resume"):
         prepare_run_dir(tmp_path / "half", resume=False, overwrite=False)
     assert prepare_run_dir(tmp_path / "half", resume=True, overwrite=False).root == tmp_path / "half"

@@ -40,8 +40,18 @@ def train(
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of the run."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes (torchrun) on this machine."),
+    allow_config_change: bool = typer.Option(
+        False, "--allow-config-change", help="With --resume: accept a config that differs from the run's (recorded in the run)."
+    ),
 ):
     """Train a LoRA adapter into runs/<name>/."""
+    if allow_config_change and not resume:
+        raise ConfigError("--allow-config-change only applies to --resume.", hint="add --resume, or drop --allow-config-change")
+    if allow_config_change and nproc > 1:
+        raise ConfigError(
+            "--allow-config-change cannot be combined with --nproc yet.",
+            hint="resume once with --nproc 1 --allow-config-change, then continue with --nproc",
+        )
     if nproc > 1:
         from .distributed import launch_data_parallel
 
@@ -49,7 +59,7 @@ def train(
     cfg = _load(config, set_)  # config mistakes are reported before the heavy imports
     from .train import train as run_training
 
-    paths = run_training(cfg, resume=resume)
+    paths = run_training(cfg, resume=resume, allow_config_change=allow_config_change)
     typer.echo(f"Run folder: {paths.root}")
 
 
@@ -73,8 +83,12 @@ def eval_(
     max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Write the outputs exactly here (a new or empty folder) instead of RUN/eval/<split>-<time>/."
+    ),
 ):
-    """Generate answers and score them: EM/F1, ROUGE, BLEU, perplexity, never-stops rate."""
+    """Generate answers and score them: EM/F1, ROUGE, BLEU, perplexity, never-stops rate.
+    Every evaluation is kept (RUN/eval/index.json lists them)."""
     if compare not in (None, "base"):
         raise ConfigError(f"--compare '{compare}' is not supported.", hint="use --compare base")
     from .evaluate.runner import evaluate_path
@@ -87,6 +101,7 @@ def eval_(
         max_examples=max_examples,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        out_dir=str(out) if out else None,
     )
 
 
@@ -204,9 +219,24 @@ def version():
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: run the app, turning user mistakes into one line and a non-zero exit."""
     try:
-        app(args=argv, prog_name="lorakit")
-    except SystemExit as exc:  # typer's standalone mode exits itself (usage errors: code 2)
+        # standalone_mode=False: typer hands usage errors to us instead of printing its box
+        code = app(args=argv, prog_name="lorakit", standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except typer.TyperException as exc:  # a wrong option, a missing argument, a value out of range
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `lorakit` or `lorakit data`: the help
+            exc.show()
+            return 0
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "lorakit"
+        message = exc.format_message().rstrip()
+        message += "" if message.endswith((".", "?", "!")) else "."
+        typer.echo(f"error: {message} Fix: see `{where} --help`", err=True)
+        return 2
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 1
     except LorakitError as exc:
         message = exc.message if not exc.hint else f"{exc.message} Fix: {exc.hint}"
         typer.echo(f"error: {message}", err=True)

@@ -8,24 +8,49 @@ per-step metrics and the loss curve.
 from __future__ import annotations
 
 import shutil
+import signal
 from typing import Callable, Optional
 
 import torch
+import yaml
 from rich.console import Console
 
-from .callbacks import InterruptCallback, MetricsFileCallback, RichProgressCallback, read_metrics, truncate_metrics
+from .callbacks import (
+    CheckpointCompletionCallback,
+    InterruptCallback,
+    MetricsFileCallback,
+    NonFiniteGuard,
+    NonFiniteTraining,
+    RichProgressCallback,
+    read_metrics,
+    truncate_metrics,
+)
 from .config import LorakitConfig
 from .generation_eval import GenerationEvalTrainer
 from .errors import ConfigError, DataError, RunError
-from .runs import RunPaths, atomic_write_text, prepare_run_dir, run_dir_for, write_metadata
+from .runs import (
+    RunPaths,
+    atomic_write_text,
+    config_changes,
+    prepare_run_dir,
+    publish_run,
+    read_config_history,
+    record_config_change,
+    run_dir_for,
+    write_metadata,
+)
 
 console = Console(stderr=True)
 
 
 class TrainingInterrupted(RunError):
-    """Ctrl-C stopped training after saving a checkpoint; `--resume` continues it."""
+    """Ctrl-C (exit 130) or SIGTERM (exit 143) stopped training after saving a checkpoint; `--resume` continues it."""
 
     exit_code = 130
+
+    def __init__(self, message: str, *, hint: Optional[str] = None, exit_code: int = 130):
+        super().__init__(message, hint=hint)
+        self.exit_code = exit_code
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -45,6 +70,7 @@ def train(
     config: LorakitConfig,
     *,
     resume: bool = False,
+    allow_config_change: bool = False,
     on_log: Optional[Callable[[dict], None]] = None,
     callbacks: Optional[list] = None,
 ) -> RunPaths:
@@ -60,7 +86,7 @@ def train(
         config = _auto_fit(config)
 
     def attempt(current: LorakitConfig) -> RunPaths:
-        return _train(current, resume=resume, on_log=on_log, callbacks=callbacks)
+        return _train(current, resume=resume, allow_config_change=allow_config_change, on_log=on_log, callbacks=callbacks)
 
     return run_with_oom_backoff(attempt, config, log=lambda message: console.print(f"[yellow]{message}"))
 
@@ -80,21 +106,54 @@ def _train(
     config: LorakitConfig,
     *,
     resume: bool,
+    allow_config_change: bool,
     on_log: Optional[Callable[[dict], None]],
     callbacks: Optional[list],
 ) -> RunPaths:
     """One training attempt (see train).
 
-    resume: continue from the newest checkpoint in checkpoints/ (same config).
+    resume: continue from the newest complete checkpoint in checkpoints/ (same config, unless
+        allow_config_change: then config.yaml records the new one and lorakit.json the change).
     on_log: called with each record appended to metrics.jsonl (step, loss, eval_loss, ...).
     callbacks: extra transformers TrainerCallbacks (tracking, tests).
 
     Raises:
-        RunError: the run folder holds a finished run (without resume / train.overwrite), or
-            resume was asked with no checkpoint. TrainingInterrupted after Ctrl-C (checkpoint saved).
-        ConfigError: checkpoint/eval intervals that cannot pick a best checkpoint.
+        RunError: the folder holds a finished run (without resume / train.overwrite), resume was
+            asked of a finished run, with no complete checkpoint or with a changed config; a loss,
+            gradient or weight became NaN/infinite. TrainingInterrupted after Ctrl-C or SIGTERM
+            (checkpoint saved).
+        ConfigError: a bitsandbytes optimizer without CUDA (other config values are checked at load).
         DataError, TemplateError, ModelError: from loading data, template and model.
     """
+    from .distributed import is_main_process
+
+    tc = config.train
+    main = is_main_process()  # under torchrun only rank 0 writes the run folder and prints
+    console.quiet = not main
+    paths = prepare_run_dir(run_dir_for(config), resume=resume, overwrite=tc.overwrite)
+    checkpoint = paths.latest_checkpoint() if resume else None
+    changes = {}
+    if resume:
+        config, changes = _resume_config(config, paths, checkpoint, allow_config_change)
+        tc = config.train
+    # what this attempt creates it removes again if it fails before a checkpoint exists
+    created = [p for p in (paths.root, *paths.root.parents) if not p.exists()]
+    owns_root = bool(created) or (paths.publish_to is not None and not resume)
+    try:
+        return _run(config, paths, checkpoint, changes, main=main, on_log=on_log, callbacks=callbacks)
+    except BaseException:
+        if main and owns_root and paths.latest_checkpoint() is None:
+            shutil.rmtree(paths.root, ignore_errors=True)
+            for parent in created[1:]:
+                try:
+                    parent.rmdir()  # only if still empty
+                except OSError:
+                    break
+        raise
+
+
+def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_log, callbacks) -> RunPaths:
+    """Setup -> train -> save into `paths` (see _train)."""
     from transformers import EarlyStoppingCallback, set_seed
 
     from .data import load_splits
@@ -112,14 +171,8 @@ def _train(
     from .templates import resolve_template
     from .tokenize import PaddingCollator, encode_examples
 
-    from .distributed import is_main_process
-
     tc = config.train
-    main = is_main_process()  # under torchrun only rank 0 writes the run folder and prints
-    console.quiet = not main
-    paths = prepare_run_dir(run_dir_for(config), resume=resume, overwrite=tc.overwrite)
-    checkpoint = paths.latest_checkpoint() if resume else None
-
+    resume = checkpoint is not None
     # setup: everything that can fail on user input fails here, before any weights load
     device = default_device()
     check_quantization(config.model)
@@ -156,15 +209,25 @@ def _train(
     args = build_training_args(config, paths, precision, device, has_eval=bool(eval_features))
     if main:
         if not resume:
-            _clear_run(paths)  # only now: a setup error must not cost an existing run (train.overwrite)
+            _clear_run(paths)  # only now: a setup error must not cost an existing run
+        for folder in paths.incomplete_checkpoints():
+            console.print(f"[yellow]skipping {folder.name}: its save was interrupted (incomplete); removed it")
+            shutil.rmtree(folder)
+        if checkpoint is not None:
+            console.print(f"resuming from {checkpoint}")
         atomic_write_text(paths.config, config.to_yaml())  # an interrupted run still describes itself
+        if changes:
+            record_config_change(paths, int(checkpoint.name.split("-")[1]), changes)
         if checkpoint is not None:
             truncate_metrics(paths.metrics, int(checkpoint.name.split("-")[1]))
 
     interrupt = InterruptCallback()
+    guard = NonFiniteGuard()
+    guard.attach(model)
     progress = RichProgressCallback(console)
     writers = [MetricsFileCallback(paths.metrics, on_log), progress] if main else []
-    all_callbacks = [*writers, interrupt, *(callbacks or [])]
+    completion = CheckpointCompletionCallback(keep=tc.save_total_limit, main=main)
+    all_callbacks = [*writers, completion, guard, interrupt, *(callbacks or [])]
     if tc.early_stopping_patience and args.load_best_model_at_end:
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=tc.early_stopping_patience))
     elif tc.early_stopping_patience:
@@ -186,30 +249,48 @@ def _train(
     )
     _remove_default_printers(trainer)
 
-    # train
+    # train; the signal handlers stay until the adapter is saved, so a late signal cannot tear it
     interrupt.install()
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the step loop
-        progress.stop()
-        trainer._save_checkpoint(trainer.model, trial=None)
-        interrupt.interrupted = True
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except KeyboardInterrupt:  # a third Ctrl-C: quit at once, saving nothing
+            saved = paths.latest_checkpoint()
+            raise TrainingInterrupted(
+                f"training stopped at once at step {trainer.state.global_step}; nothing was saved"
+                + (f" (the newest complete checkpoint is {saved})." if saved else ", and there is no checkpoint."),
+                hint=f"continue with `lorakit train CONFIG --resume` (run folder {paths.root})" if saved else "train again",
+            ) from None
+        except NonFiniteTraining as exc:
+            raise _non_finite_error(exc, config, paths) from None
+        finally:
+            progress.stop()
+        if interrupt.stopped_at is not None:
+            kept = f"; the old run in {paths.publish_to} stays until this one finishes" if paths.publish_to else ""
+            raise TrainingInterrupted(
+                f"training interrupted ({signal.Signals(interrupt.signum).name}) at step {trainer.state.global_step}; "
+                f"checkpoint saved to {paths.latest_checkpoint()}{kept}.",
+                hint=f"continue with `lorakit train CONFIG --resume` (same config; run folder {paths.root})",
+                exit_code=interrupt.exit_code,
+            )
+        if not main:
+            return paths
+        return _save(trainer, config, paths, tokenizer, template, task_type, precision, model,
+                     n_train=len(train_features), n_eval=len(eval_features))
     finally:
         interrupt.uninstall()
-        progress.stop()
-    if interrupt.interrupted:
-        saved = paths.latest_checkpoint()
-        raise TrainingInterrupted(
-            f"training interrupted at step {trainer.state.global_step}; checkpoint saved to {saved}.",
-            hint=f"continue with `lorakit train CONFIG --resume` (same config; run folder {paths.root})",
-        )
 
-    if not main:
-        return paths
-    # save: adapter + tokenizer + metadata, then the curve
+
+def _save(trainer, config, paths: RunPaths, tokenizer, template, task_type, precision, model, *, n_train, n_eval) -> RunPaths:
+    """Adapter + tokenizer + metadata, the curve, then (for train.overwrite) the swap into place."""
+    from .modeling import base_model_identity
+
+    final_root = paths.publish_to or paths.root
     trainer.model.save_pretrained(paths.adapter)
     tokenizer.save_pretrained(paths.adapter)
     (paths.adapter / "README.md").unlink(missing_ok=True)  # peft's generic model card; lorakit.json describes the run
+    best = trainer.state.best_model_checkpoint
+    history = read_config_history(paths)
     write_metadata(
         paths.adapter,
         base=base_model_identity(config.model, commit_hash=getattr(model.config, "_commit_hash", None)),
@@ -219,26 +300,76 @@ def _train(
         system_prompt=config.template.system_prompt,
         max_length=config.template.max_length,
         extra={
-            "train_examples": len(train_features),
-            "validation_examples": len(eval_features),
+            "train_examples": n_train,
+            "validation_examples": n_eval,
             "global_step": trainer.state.global_step,
-            "best_checkpoint": trainer.state.best_model_checkpoint,
+            "best_checkpoint": best.replace(str(paths.root), str(final_root), 1) if best else None,
             "lora": config.lora.model_dump(mode="json"),
+            **({"config_changes": history} if history else {}),
         },
     )
     from .plots import plot_loss
 
-    plot_loss(read_metrics(paths.metrics), paths.loss_plot, title=paths.root.name)
+    plot_loss(read_metrics(paths.metrics), paths.loss_plot, title=final_root.name)
+    paths = publish_run(paths)
     console.print(f"[bold green]done[/bold green]: adapter saved to {paths.adapter}")
     return paths
 
 
+def _resume_config(config: LorakitConfig, paths: RunPaths, checkpoint, allow_change: bool):
+    """The config to resume with, and the accepted changes {dotted key: (old, new)}.
+
+    The run folder must describe what produced it: a config that differs from the run's own
+    config.yaml is refused unless the user accepts the change (--allow-config-change).
+    """
+    if not paths.config.is_file():
+        return config, {}
+    old = yaml.safe_load(paths.config.read_text(encoding="utf-8")) or {}
+    changes = config_changes(old, yaml.safe_load(config.to_yaml()))
+    changes.pop("train.overwrite", None)  # says how to treat an old folder, not how this run trains
+    batch = ("train.micro_batch_size", "train.gradient_accumulation")
+    old_train = old.get("train", {})
+    if set(changes) & set(batch) and all(isinstance(old_train.get(k.split(".")[1]), int) for k in batch):
+        micro, accum = old_train["micro_batch_size"], old_train["gradient_accumulation"]
+        if micro * accum == config.train.micro_batch_size * config.train.gradient_accumulation:
+            # the run backed off after running out of memory: keep its (equivalent) split
+            config = config.model_copy(deep=True)
+            config.train.micro_batch_size, config.train.gradient_accumulation = micro, accum
+            for key in batch:
+                changes.pop(key, None)
+    if changes and not allow_change:
+        listed = ", ".join(f"{key}: {a!r} -> {b!r}" for key, (a, b) in changes.items())
+        raise RunError(
+            f"cannot resume '{paths.root}' from {checkpoint.name}: the config differs from the run's own {paths.config} in {listed}.",
+            hint=f"resume with the run's config (`lorakit train {paths.config} --resume`), or accept the change with "
+            "`--resume --allow-config-change` (config.yaml then records the new config and lorakit.json the change)",
+        )
+    return config, changes
+
+
+def _non_finite_error(exc: NonFiniteTraining, config: LorakitConfig, paths: RunPaths) -> RunError:
+    good = paths.latest_checkpoint()
+    where = f"; the last good checkpoint is {good}" if good else "; no checkpoint was kept"
+    hint = f"lower train.learning_rate (now {config.train.learning_rate:g}), or check the base model weights, the data and model.precision"
+    if good:
+        hint += ", then continue with `lorakit train CONFIG --resume --allow-config-change --set train.learning_rate=...`"
+    else:
+        hint += ", then train again"
+    return RunError(
+        f"training stopped at step {exc.step}: {exc.what} (loss {exc.loss}); nothing from that step was saved{where}.",
+        hint=hint,
+    )
+
+
 def _clear_run(paths: RunPaths) -> None:
     """A fresh start (allowed by prepare_run_dir) removes only what lorakit itself writes."""
+    if paths.publish_to is not None:  # a staging folder left by an earlier overwrite attempt
+        shutil.rmtree(paths.root, ignore_errors=True)
+        return
     for folder in (paths.adapter, paths.checkpoints, paths.plots, paths.eval):
         if folder.is_dir():
             shutil.rmtree(folder)
-    for file in (paths.metrics, paths.config):
+    for file in (paths.metrics, paths.config, paths.config_changes):
         file.unlink(missing_ok=True)
 
 
@@ -262,11 +393,7 @@ def _intervals(config: LorakitConfig, has_eval: bool) -> dict:
             save_every = eval_every
         elif save_every and not eval_every:
             eval_every = save_every
-        elif eval_every and save_every and save_every % eval_every:
-            raise ConfigError(
-                f"train.save_every ({save_every}) must be a multiple of train.eval_every ({eval_every}) so the best checkpoint is kept.",
-                hint=f"set train.save_every={eval_every * max(1, round(save_every / eval_every))}, or train.best_metric=null",
-            )
+        # save_every is a multiple of eval_every: config.TrainConfig checks it at load
     out = {
         "save_strategy": "steps" if save_every else "epoch",
         "eval_strategy": ("steps" if eval_every else "epoch") if has_eval else "no",
@@ -307,7 +434,7 @@ def build_training_args(config: LorakitConfig, paths: RunPaths, precision: str, 
         data_seed=tc.seed,
         logging_strategy="steps",
         logging_steps=tc.logging_steps,
-        save_total_limit=tc.save_total_limit,
+        save_total_limit=None,  # CheckpointCompletionCallback rotates, after marking the new one complete
         **_intervals(config, has_eval),
         train_sampling_strategy="group_by_length" if tc.group_by_length else "random",
         report_to=list(tc.report_to) or "none",
@@ -327,16 +454,8 @@ def build_training_args(config: LorakitConfig, paths: RunPaths, precision: str, 
 
 
 def _check_names(tc) -> None:
-    """Optimizer and scheduler names are free text in the config; check them against transformers."""
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
-
-    for key, value, valid in (
-        ("train.optimizer", tc.optimizer, [o.value for o in OptimizerNames]),
-        ("train.lr_scheduler", tc.lr_scheduler, [s.value for s in SchedulerType]),
-    ):
-        if value not in valid:
-            raise ConfigError(f"{key}: unknown value '{value}'.", hint=f"use one of: {', '.join(valid)}")
+    """Optimizer and scheduler names are checked at config load; what the device must offer is
+    checked here."""
     if "8bit" in tc.optimizer or "bnb" in tc.optimizer or tc.optimizer.startswith("paged"):
         # bitsandbytes optimizers: fail in setup with the fix, not in the Trainer with a traceback
         from .errors import require
