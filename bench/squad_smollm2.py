@@ -160,7 +160,7 @@ def main() -> int:
           f"training {BASELINE['train_min'] / measured['train_min']:.1f}x faster; "
           f"evaluation {BASELINE['eval_s_per_question'] / measured['eval_s_per_question']:.1f}x faster per question")
     print(f"supervised tokens: {tokens['supervised_share']:.1f}% of all training tokens (answers + EOS)")
-    print(f"total wall time {(time.perf_counter() - started) / 60:.1f} min; report: {paths.eval / 'report.md'}")
+    print(f"total wall time {(time.perf_counter() - started) / 60:.1f} min; report: {Path(summary['folder']) / 'report.md'}")
     (out / "bench_result.json").write_text(json.dumps({"measured": measured, "baseline": BASELINE}, indent=2))
     return 0
 

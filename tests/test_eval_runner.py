@@ -49,10 +49,13 @@ def _lines(path: Path) -> list[dict]:
 
 
 def test_eval_writes_every_output(trained, evaluated):
-    eval_dir = trained / "eval"
+    eval_dir = Path(evaluated["folder"])
+    assert eval_dir.parent == trained / "eval" and eval_dir.name.startswith("test-")
     for name in ("predictions.jsonl", "metrics.json", "report.md", "report.html"):
         assert (eval_dir / name).is_file(), name
-    assert json.loads((eval_dir / "metrics.json").read_text()) == evaluated
+    written = json.loads((eval_dir / "metrics.json").read_text())
+    assert written == {key: value for key, value in evaluated.items() if key != "folder"}
+    assert written["evaluation"]["split"] == "test" and written["evaluation"]["data"] is None
     report = (eval_dir / "report.md").read_text()
     assert f"{evaluated['adapter']['f1']:.1f}" in report
 
@@ -61,14 +64,14 @@ def test_eval_uses_the_runs_own_held_out_split(trained, evaluated):
     from lorakit.runs import read_run
 
     splits = load_splits(read_run(trained).config.data)
-    ids = [line["id"] for line in _lines(trained / "eval" / "predictions.jsonl")]
+    ids = [line["id"] for line in _lines(Path(evaluated["folder"]) / "predictions.jsonl")]
     assert sorted(ids) == sorted(ex.id for ex in splits.test)
     assert not set(ids) & {ex.id for ex in splits.train}
     assert evaluated["n"] == len(splits.test) == 4
 
 
 def test_reported_numbers_are_the_predictions_numbers(trained, evaluated):
-    lines = _lines(trained / "eval" / "predictions.jsonl")
+    lines = _lines(Path(evaluated["folder"]) / "predictions.jsonl")
     for prefix, key in (("", "adapter"), ("base_", "base")):
         for line in lines:
             expected = score_example(line[f"{prefix}prediction"], line["references"])

@@ -103,7 +103,7 @@ def run_demo(workdir: str | Path = "runs/demo", quick: bool = False) -> dict:
         "after": summary["adapter"],
         "n_test": summary["n"],
         "times_s": {name: round(value, 1) for name, value in times.items()},
-        "report": str(paths.eval / "report.md"),
+        "report": str(Path(summary["folder"]) / "report.md"),
         "run": str(paths.root),
     }
     print(format_table(result))

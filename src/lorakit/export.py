@@ -141,13 +141,30 @@ def _check_dtype(dtype: str):
     return table[dtype]
 
 
-def _prepare_out_dir(out: Path, run_root: Path, overwrite: bool) -> None:
-    resolved, root = out.resolve(), run_root.resolve()
-    if resolved == root or root.is_relative_to(resolved) or resolved.is_relative_to(root / "adapter"):
-        raise RunError(
-            f"--out '{out}' would overwrite the run '{run_root}' itself.",
-            hint="give a new folder outside the run, e.g. --out merged/NAME",
-        )
+def _relation(out: Path, folder: Path) -> Optional[str]:
+    """How --out overlaps a folder that must survive: 'is', 'is inside' or 'contains' (None: apart).
+    Paths are resolved first, so a symlink counts as the folder it points to."""
+    a, b = out.resolve(), folder.resolve()
+    if a == b:
+        return "is"
+    if a.is_relative_to(b):
+        return "is inside"
+    return "contains" if b.is_relative_to(a) else None
+
+
+def _prepare_out_dir(out: Path, info, overwrite: bool) -> None:
+    protected = [("the run", info.root)]
+    base = info.base.get("name_or_path")
+    if base and Path(base).is_dir():  # a local base (a hub id has no folder here)
+        protected.append(("the run's base model", Path(base)))
+    for what, folder in protected:
+        relation = _relation(out, folder)
+        if relation is not None:
+            raise RunError(
+                f"--out '{out}' {relation} {what} '{folder}', which a merge must leave untouched"
+                + (" (a merge written over the base makes the run apply its adapter twice)." if "base" in what else "."),
+                hint=f"give a new folder outside the run and its base model, e.g. --out merged/{info.root.resolve().name}",
+            )
     if out.exists() and not out.is_dir():
         raise RunError(f"--out '{out}' is a file.", hint="give a folder path that does not exist yet")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -249,14 +266,15 @@ def merge_run(
 
     Raises:
         RunError: not a run with an adapter (e.g. an already merged folder), or out_dir is not
-            empty (without overwrite) or is the run itself.
+            empty (without overwrite), or is, is inside or contains the run or its base model folder.
         ConfigError: dtype is not float32/float16/bfloat16 (4-bit/8-bit merging is refused).
-        ModelError: the base model cannot be loaded, or verification failed.
+        ModelError: the base model cannot be loaded or changed since training, or verification failed.
     """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    from .base_identity import check_base_revision, check_base_weights
     from .modeling import load_base_model
     from .runs import atomic_write_json, read_run, write_metadata
 
@@ -267,7 +285,8 @@ def merge_run(
         raise RunError(f"'{path}' is already a merged model (it has no adapter to merge).",
                        hint="merge a run folder written by `lorakit train`")
     out = Path(out_dir)
-    _prepare_out_dir(out, info.root, overwrite)
+    _prepare_out_dir(out, info, overwrite)
+    check_base_weights(info)
     notes = []
     quantization = info.config.model.quantization if info.config is not None else "none"
     if quantization != "none":
@@ -280,6 +299,7 @@ def merge_run(
     prompts = list(verify_inputs) if verify_inputs else verification_prompts(info)
 
     base = load_base_model(model_config, info.task_type, dtype=torch.float32, device=device)
+    check_base_revision(info, base)
     peft_model = PeftModel.from_pretrained(base, str(info.adapter_dir))
     reference = _logits(peft_model, tokenizer, prompts, info.task_type)
     merged = peft_model.merge_and_unload()

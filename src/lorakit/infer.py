@@ -263,6 +263,7 @@ def load_predictor(path: str | os.PathLike, *, device: Optional[str] = None, ada
     """
     from transformers import AutoTokenizer
 
+    from .base_identity import check_base_revision, check_base_weights
     from .config import ModelConfig
     from .modeling import choose_precision, default_device, load_base_model, load_tokenizer
     from .runs import read_run
@@ -274,6 +275,8 @@ def load_predictor(path: str | os.PathLike, *, device: Optional[str] = None, ada
     info = read_run(folder)
     config_model = info.config.model if info.config is not None else None
     merged = info.is_merged and adapter  # the merged weights themselves, not the base they came from
+    if not merged:
+        check_base_weights(info)
     # a QLoRA run loads its base quantized again where that can run; merged weights are plain
     quantization = config_model.quantization if config_model is not None and not merged else "none"
     if quantization != "none" and not device.startswith("cuda"):
@@ -294,6 +297,8 @@ def load_predictor(path: str | os.PathLike, *, device: Optional[str] = None, ada
         tokenizer = load_tokenizer(model_config)
     dtype, _ = choose_precision("auto", device)
     model = load_base_model(model_config, info.task_type, dtype=dtype, device=None if quantization != "none" else device)
+    if not merged:
+        check_base_revision(info, model)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if info.adapter_dir is not None and adapter:

@@ -403,26 +403,47 @@ def trainable_summary(model) -> str:
 # --- identity for lorakit.json --------------------------------------------------------------
 
 
+def base_weight_files(source: str, gguf: Optional[str]) -> list[Path]:
+    """The files whose bytes identify a local base model: the GGUF file, else the weights."""
+    folder = Path(source)
+    if gguf:
+        return [folder / gguf]
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    return [w for w in weights if not w.name.startswith("training_args")]
+
+
+def weights_sha256(files: list[Path], hash_file=sha256_file) -> Optional[str]:
+    """One digest for the weights: a single file's sha256, or for several shards a digest of
+    their names and hashes (None without files)."""
+    if len(files) == 1:
+        return hash_file(files[0])
+    if not files:
+        return None
+    combined = hashlib.sha256()
+    for weight in files:
+        combined.update(f"{weight.name}:{hash_file(weight)}\n".encode())
+    return combined.hexdigest()
+
+
+def weight_file_stats(files: list[Path]) -> dict:
+    """{file name: [size, mtime_ns]}: lets a load skip re-hashing weights nobody has touched."""
+    stats = {}
+    for f in files:
+        st = f.stat()
+        stats[f.name] = [st.st_size, st.st_mtime_ns]
+    return stats
+
+
 def base_model_identity(model_config: ModelConfig, *, commit_hash: Optional[str] = None) -> dict:
     """What exactly the adapter was trained on: for local files the sha256 of the GGUF or of the
-    weights (several safetensors shards hash to one digest of their names and hashes); for hub
-    ids the revision (the resolved commit when known)."""
+    weights (several safetensors shards hash to one digest of their names and hashes) and each
+    file's size and mtime; for hub ids the revision (the resolved commit when known)."""
     source, gguf, is_local = resolve_source(model_config)
     identity = {"name_or_path": source, "gguf_file": gguf, "revision": model_config.revision, "sha256": None}
     if not is_local:
         identity["revision"] = commit_hash or model_config.revision or "main"
         return identity
-    folder = Path(source)
-    if gguf:
-        identity["sha256"] = sha256_file(folder / gguf)
-        return identity
-    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    weights = [w for w in weights if not w.name.startswith("training_args")]
-    if len(weights) == 1:
-        identity["sha256"] = sha256_file(weights[0])
-    elif weights:
-        combined = hashlib.sha256()
-        for weight in weights:
-            combined.update(f"{weight.name}:{sha256_file(weight)}\n".encode())
-        identity["sha256"] = combined.hexdigest()
+    files = base_weight_files(source, gguf)
+    identity["files"] = weight_file_stats(files)  # taken before hashing: a write meanwhile shows later
+    identity["sha256"] = weights_sha256(files)
     return identity

@@ -1,9 +1,10 @@
 """Evaluation outputs: predictions.jsonl, metrics.json, report.md, report.html and plots.
 
-    eval/
+    eval/<split>-<time>/  (one folder per evaluation, see evaluate.history)
       predictions.jsonl   one line per example: question, references, prediction, scores
                           (and the base model's prediction and scores when compared)
-      metrics.json        {"adapter": ..., "base": ... or null, "delta": ..., "n": ..., "created": ...}
+      metrics.json        {"adapter": ..., "base": ... or null, "delta": ..., "n": ..., "created": ...,
+                           "evaluation": what was evaluated and how}
       report.md           metrics before/after, then the examples that changed most
       report.html         the same, self-contained (inline CSS, plots as data URIs)
       plots/*.png         loss curves and metric bars
@@ -367,6 +368,7 @@ def write_eval_outputs(
     loss_history: Optional[Sequence[dict]] = None,
     title: str = "lorakit evaluation",
     examples_shown: int = 10,
+    about: Optional[dict] = None,
 ) -> dict[str, Path]:
     """Write every evaluation output into `eval_dir`, each file atomically.
 
@@ -376,6 +378,8 @@ def write_eval_outputs(
     metrics: corpus_metrics() of those records. base_records/base_metrics: the same for the base
         model (records matched by id, or by position when ids are missing or repeated).
     loss_history: the lines of the run's metrics.jsonl (step, loss and/or eval_loss).
+    about: what was evaluated and how (model, split or data, decoding), kept in metrics.json
+        as "evaluation" so each kept evaluation describes itself.
     Returns the written paths: predictions, metrics, report_md, report_html, and plot_loss /
     plot_metrics when drawn.
     """
@@ -393,6 +397,8 @@ def write_eval_outputs(
     paths = {"predictions": atomic_write_text(eval_dir / "predictions.jsonl", "\n".join(lines) + "\n")}
     summary = {"adapter": metrics, "base": base_metrics, "delta": _delta(metrics, base_metrics),
                "n": len(records), "created": created}
+    if about is not None:
+        summary["evaluation"] = about
     paths["metrics"] = atomic_write_json(eval_dir / "metrics.json", _finite(summary))
 
     plots = {}

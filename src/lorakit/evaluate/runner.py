@@ -123,20 +123,28 @@ def evaluate_path(
     device: Optional[str] = None,
     verbose: bool = True,
 ) -> dict:
-    """Evaluate a run (or merged) folder and write eval/ outputs; returns what metrics.json holds.
+    """Evaluate a run (or merged) folder; returns what metrics.json holds, plus `folder`: where
+    the outputs went.
 
-    Decoding options not given here come from the run's `eval` config section.
+    Each evaluation gets its own folder, <run>/eval/<split or data name>-<UTC time>/, listed in
+    <run>/eval/index.json (see evaluate.history); with out_dir, exactly that folder (new or empty)
+    and nothing else. Decoding options not given here come from the run's `eval` config section.
 
     Raises:
-        EvalError: unknown split, empty split, no config.yaml without --data, nothing to evaluate.
+        EvalError: unknown split, empty split, no config.yaml without --data, nothing to evaluate,
+            out_dir is a file or a folder that is not empty.
         RunError / ModelError / DataError: the folder, model or data cannot be loaded.
     """
     from ..callbacks import read_metrics
     from ..config import EvalConfig
     from ..infer import _is_plain_model, load_predictor
     from ..runs import read_run
+    from .history import check_out_dir, label_for, publish_new, publish_to, staging, write_index
     from .report import write_eval_outputs
 
+    out = Path(out_dir) if out_dir else None
+    if out is not None:
+        check_out_dir(out)
     folder = Path(path)
     info = None if _is_plain_model(folder) else read_run(folder)
     config = info.config if info is not None else None
@@ -174,22 +182,30 @@ def evaluate_path(
             )
 
     root = info.root if info is not None else folder
-    paths = write_eval_outputs(
-        Path(out_dir) if out_dir else root / "eval",
-        records=records,
-        metrics=metrics,
-        base_records=base_records,
-        base_metrics=base_metrics,
-        loss_history=read_metrics(info.paths.metrics) if info is not None else None,
-        title=f"{root.resolve().name}: {source}",
-    )
-    summary = json.loads(paths["metrics"].read_text(encoding="utf-8"))
+    about = {"model": str(folder), "source": source, "split": None if data is not None else split,
+             "data": data, "max_examples": limit or None, "decoding": decoding}
+    eval_root = root / "eval"
+    with staging(out.parent if out is not None else eval_root) as tmp:
+        write_eval_outputs(
+            tmp,
+            records=records,
+            metrics=metrics,
+            base_records=base_records,
+            base_metrics=base_metrics,
+            loss_history=read_metrics(info.paths.metrics) if info is not None else None,
+            title=f"{root.resolve().name}: {source}",
+            about=about,
+        )
+        final = publish_to(tmp, out) if out is not None else publish_new(tmp, eval_root, label_for(split, data))
+    if out is None:
+        write_index(eval_root, final.name)
+    summary = json.loads((final / "metrics.json").read_text(encoding="utf-8"))
     if verbose:
-        _print_summary(summary, paths)
-    return summary
+        _print_summary(summary, final, index=None if out is not None else eval_root / "index.json")
+    return {**summary, "folder": str(final)}
 
 
-def _print_summary(summary: dict, paths: dict) -> None:
+def _print_summary(summary: dict, folder: Path, index: Optional[Path] = None) -> None:
     def line(name: str, m: dict) -> str:
         text = f"{name}: EM {m['exact_match']:.1f}  F1 {m['f1']:.1f}  ROUGE-L {m['rougeL']:.1f}"
         if m.get("never_stops_rate") is not None:
@@ -202,7 +218,9 @@ def _print_summary(summary: dict, paths: dict) -> None:
     print(line("adapter" if summary.get("base") else "model", summary["adapter"]))
     if summary.get("base"):
         print(line("base", summary["base"]))
-    print(f"written: {paths['report_md'].parent}/ (predictions.jsonl, metrics.json, report.md, report.html)")
+    print(f"written: {folder}/ (predictions.jsonl, metrics.json, report.md, report.html)")
+    if index is not None:
+        print(f"every evaluation of this run: {index}")
 
 
 # --- predictions made elsewhere --------------------------------------------------------------------
@@ -312,5 +330,5 @@ def score_predictions(
     paths = write_eval_outputs(out, records=records, metrics=metrics, title=f"{predictions_file.name} on {Path(data_file).name}")
     summary = json.loads(paths["metrics"].read_text(encoding="utf-8"))
     if verbose:
-        _print_summary(summary, paths)
+        _print_summary(summary, paths["report_md"].parent)
     return summary
