@@ -198,6 +198,12 @@ CASES = {
     "score-missing-predictions": lambda c: ["score", str(c.root / "p.jsonl"), "--data", str(c.file("d.jsonl", QA_JSONL))],
     "generate-missing-run": lambda c: ["generate", str(c.root / "nope"), "question?"],
     "merge-missing-run": lambda c: ["merge", str(c.root / "nope"), "--out", str(c.root / "merged")],
+    # usage mistakes typer finds before any command runs
+    "usage-missing-argument": lambda c: ["train"],
+    "usage-unknown-option": lambda c: ["train", str(c.config()), "--bogus", "1"],
+    "usage-out-of-range": lambda c: ["eval", str(c.model), "--max-examples", "0"],
+    "usage-option-without-value": lambda c: ["plan", str(c.config()), "--gpu"],
+    "usage-unknown-command": lambda c: ["trian", str(c.config())],
     "train-allow-config-change-without-resume": lambda c: ["train", str(c.config()), "--allow-config-change"],
     # --- training setup (nothing may be left behind: no run folder) ---
     "train-missing-data": lambda c: c.train("", f"data.path={c.root / 'missing.jsonl'}"),
