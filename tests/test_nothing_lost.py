@@ -31,7 +31,10 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
+    """The command printed one `error: ... Fix: ...` line and nothing else (no progress, no traceback)."""
+    out, err = capsys.readouterr()
+    err = err.strip()
+    assert out == "", out
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and " Fix: " in err, err
     assert "Traceback" not in err
     return err

@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .errors import ConfigError, ModelError, RunError
 
@@ -257,12 +257,14 @@ def merge_run(
     verify_inputs: Optional[list[str]] = None,
     overwrite: bool = False,
     device: Optional[str] = None,
+    on_start: Optional[Callable[[], None]] = None,
 ) -> MergeReport:
     """Merge the run's adapter into its base model and save a verified standalone model to out_dir.
 
     verify_inputs: prompt texts for the logit check (default: a few questions rendered with the
         run's template). The folder is built beside out_dir and renamed into place only when
         everything, verification included, succeeded.
+    on_start: called once every check passed, before the base model loads.
 
     Raises:
         RunError: not a run with an adapter (e.g. an already merged folder), or out_dir is not
@@ -287,6 +289,8 @@ def merge_run(
     out = Path(out_dir)
     _prepare_out_dir(out, info, overwrite)
     check_base_weights(info)
+    if on_start is not None:  # every check passed: the slow part begins
+        on_start()
     notes = []
     quantization = info.config.model.quantization if info.config is not None else "none"
     if quantization != "none":
@@ -371,7 +375,9 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def merge_command(run: str, out: str, *, dtype: str = "float32", overwrite: bool = False) -> MergeReport:
     """What `lorakit merge` runs: merge, verify, print the verdict and the largest difference."""
-    print(f"Merging the adapter of {run} into its base model (in float32, saved as {dtype}) ...", flush=True)
-    report = merge_run(run, out, dtype=dtype, overwrite=overwrite)
+    def announce() -> None:
+        print(f"Merging the adapter of {run} into its base model (in float32, saved as {dtype}) ...", flush=True)
+
+    report = merge_run(run, out, dtype=dtype, overwrite=overwrite, on_start=announce)
     print(report.summary(), flush=True)
     return report
