@@ -33,12 +33,13 @@ def _cached_sha256(path: Path) -> str:
         cache = json.loads(cache_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         cache = {}
-    entry = cache.get(key) if isinstance(cache, dict) else None
+    cache = cache if isinstance(cache, dict) else {}
+    entry = cache.get(key)
     if isinstance(entry, dict) and entry.get("stat") == stamp:
         return entry["sha256"]
     digest = sha256_file(path)
     try:
-        atomic_write_json(cache_file, {**(cache if isinstance(cache, dict) else {}), key: {"stat": stamp, "sha256": digest}})
+        atomic_write_json(cache_file, {**cache, key: {"stat": stamp, "sha256": digest}})
     except OSError:
         pass  # an unwritable cache only costs hashing again next time
     return digest
