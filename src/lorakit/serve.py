@@ -15,6 +15,7 @@ the same decoding settings are generated together, up to `max_batch_size` prompt
 
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -267,6 +268,11 @@ def create_app(paths: list[str], *, api_key: Optional[str] = None, max_tokens_li
 
     @asynccontextmanager
     async def lifespan(_app):
+        # What is loaded by now (torch, transformers, the models) lives as long as the server: keep
+        # it out of the collector's scans, or one full collection under load holds the interpreter
+        # lock for ~200 ms and stalls every route, /health included (bench_serve_load.py).
+        gc.collect()
+        gc.freeze()
         yield
         state.worker.stop()
         state.pool.shutdown(wait=False, cancel_futures=True)
