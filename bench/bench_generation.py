@@ -13,7 +13,7 @@ Both passes' answers are compared on the shared questions.
 On a CPU, prefilling long passages is compute-bound and batching cannot shrink it, so the ratio
 with passages is far below the one for short (--closed-book) prompts, where decoding dominates.
 
-The model is the converted SmolLM2 cache (lorakit.hubless) when it exists, else --model PATH
+The model is the converted SmolLM2 cache (lorakit.demo.hubless) when it exists, else --model PATH
 (any chat model folder). Skips with a message when the data file or the model is absent.
 """
 
@@ -31,7 +31,7 @@ DATA = ROOT.parent / "shared" / "data" / "squad-v1.1-dev-part-a.json"
 def find_model(given: str | None) -> Path | None:
     if given:
         return Path(given)
-    from lorakit.hubless import is_converted, model_dir
+    from lorakit.demo.hubless import is_converted, model_dir
 
     folder = model_dir()
     return folder if is_converted(folder) else None
@@ -60,9 +60,9 @@ def main() -> int:
     import torch
 
     from lorakit.data import load_examples
-    from lorakit.evaluate.generate import extract_answer
+    from lorakit.evaluate.answers import extract_answer
     from lorakit.evaluate.metrics import corpus_metrics
-    from lorakit.infer import load_predictor
+    from lorakit.inference.predictor import load_predictor
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     examples = load_examples(str(DATA)).examples[: args.n]

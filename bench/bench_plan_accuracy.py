@@ -19,10 +19,10 @@ import warnings
 import torch
 from transformers import AutoConfig, LlamaConfig
 
-from lorakit.measure import measure_lora_step
-from lorakit.memory import estimate_step_memory, fmt_bytes, lora_modules, lora_param_count
-from lorakit.shape import read_model_shape
-from lorakit.devices import GpuSpec, cpu_rates, step_time
+from lorakit.plan.measure import measure_lora_step
+from lorakit.plan.memory import estimate_step_memory, fmt_bytes, lora_modules, lora_param_count
+from lorakit.plan.shape import read_model_shape
+from lorakit.plan.devices import GpuSpec, cpu_rates, step_time
 
 warnings.filterwarnings("ignore")
 
@@ -36,7 +36,7 @@ def tiny(h=64, layers=2, heads=4, kv=2, inter=128, vocab=600, tied=False):
 def smollm2():
     """SmolLM2-135M's config: read from the converted folder when it exists, else written out."""
     try:
-        from lorakit.hubless import is_converted, model_dir
+        from lorakit.demo.hubless import is_converted, model_dir
 
         if is_converted(model_dir()):
             return AutoConfig.from_pretrained(model_dir())

@@ -6,7 +6,7 @@ interpreter lock); the clients are asyncio tasks in this one.
 Measures requests per second, p50/p95 latency and errors, twice in the same run: with request
 batching (max_batch_size 8, the default) and without it (max_batch_size 1, the baseline), and
 prints the throughput ratio. The served model is the tiny test Llama with a random LoRA adapter,
-plus SmolLM2-135M-Instruct when lorakit has already converted it (see lorakit.hubless).
+plus SmolLM2-135M-Instruct when lorakit has already converted it (see lorakit.demo.hubless).
 
 Then a mixed load: among the same number of concurrent clients, a tenth each are slow (they send
 their body in pieces over about a second), abandoning (they disconnect mid-request) and oversized
@@ -46,10 +46,13 @@ def make_run(root: Path, base_dir: Path) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorakit.config import validate_config
-    from lorakit.modeling import base_model_identity, load_tokenizer
-    from lorakit.runs import RunPaths, atomic_write_text, write_metadata
-    from lorakit.templates import resolve_template
+    from lorakit.config_loading import validate_config
+    from lorakit.models.identity import base_model_identity
+    from lorakit.models.loading import load_tokenizer
+    from lorakit.runs import RunPaths
+    from lorakit.files import atomic_write_text
+    from lorakit.run_metadata import write_metadata
+    from lorakit.prompting.templates import resolve_template
 
     config = validate_config({"data": {"path": "unused.jsonl"}, "model": {"name_or_path": str(base_dir)},
                               "template": {"name": "question_answer"}})
@@ -290,12 +293,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
         tmp = Path(tmp)
         bench_all(make_run(tmp / "tiny-run", build_tiny_llama(tmp / "tiny-llama")), "tiny")
-        from lorakit import hubless
+        from lorakit.demo import hubless
 
         if not args.no_smollm2 and hubless.is_converted(hubless.model_dir()):
             bench_all(make_run(tmp / "smol-run", hubless.model_dir()), "smollm2")
         elif not args.no_smollm2:
-            print("SmolLM2 is not converted yet (lorakit.hubless.ensure_smollm2()); skipped.")
+            print("SmolLM2 is not converted yet (lorakit.demo.hubless.ensure_smollm2()); skipped.")
     return 0
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 def run_once(model: str, data: str, quantization: str, steps: int, out: Path) -> dict:
     import torch
 
-    from lorakit.callbacks import read_metrics
-    from lorakit.config import validate_config
-    from lorakit.train import train
+    from lorakit.runs import read_metrics
+    from lorakit.config_loading import validate_config
+    from lorakit.train.recipe import train
 
     config = validate_config({
         "data": {"path": data, "max_records": 2000, "split": {"train": 0.95, "validation": 0.0, "test": 0.05}},
@@ -72,7 +72,7 @@ def main() -> int:
         return 1
     model = args.model
     if model is None:
-        from lorakit.hubless import ensure_smollm2
+        from lorakit.demo.hubless import ensure_smollm2
 
         model = str(ensure_smollm2())
     print(f"device: {torch.cuda.get_device_name()}  model: {model}")

@@ -89,9 +89,9 @@ def bench_config(model_dir: Path, train_path: Path, test_path: Path, out: Path, 
 def token_stats(config) -> dict:
     """What the training features supervise, encoded exactly as train() encodes them."""
     from lorakit.data import load_splits
-    from lorakit.modeling import load_tokenizer
-    from lorakit.templates import resolve_template
-    from lorakit.tokenize import encode_examples
+    from lorakit.models.loading import load_tokenizer
+    from lorakit.prompting.templates import resolve_template
+    from lorakit.prompting.encoding import encode_examples
 
     tokenizer = load_tokenizer(config.model)
     splits = load_splits(config.data)
@@ -115,10 +115,10 @@ def main() -> int:
         print(f"skipped: {DATA} is absent (this benchmark reads the shared SQuAD v1.1 dev part A).")
         return 0
 
-    from lorakit.callbacks import read_metrics
+    from lorakit.runs import read_metrics
     from lorakit.evaluate.runner import evaluate_path
-    from lorakit.hubless import ensure_smollm2
-    from lorakit.train import train
+    from lorakit.demo.hubless import ensure_smollm2
+    from lorakit.train.recipe import train
 
     out = Path(args.out)
     started = time.perf_counter()

@@ -255,23 +255,23 @@ def test_bad_input_is_one_line_with_a_fix_and_changes_nothing(name, tmp_path, mo
      "error: a file is not UTF-8 text (invalid continuation byte at byte 3). Fix: re-save it as UTF-8"),
 ])
 def test_os_errors_on_user_paths_that_no_check_caught_are_one_line(error, says, monkeypatch, capsys):
-    import lorakit.infer
+    import lorakit.cli_commands
 
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(lorakit.infer, "generate_command", fail)
+    monkeypatch.setattr(lorakit.cli_commands, "generate_command", fail)
     assert main(["generate", "run", "question"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(says) and len(err.strip().splitlines()) == 1
 
 
 def test_os_errors_without_a_path_are_bugs_and_keep_their_traceback(monkeypatch):
-    import lorakit.infer
+    import lorakit.cli_commands
 
     def fail(*args, **kwargs):
         raise FileNotFoundError("an internal file went missing")
 
-    monkeypatch.setattr(lorakit.infer, "generate_command", fail)
+    monkeypatch.setattr(lorakit.cli_commands, "generate_command", fail)
     with pytest.raises(FileNotFoundError):
         main(["generate", "run", "question"])

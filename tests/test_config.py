@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lorakit.cli import main
-from lorakit.config import load_config, parse_overrides
+from lorakit.config_loading import load_config, parse_overrides
 from lorakit.errors import ConfigError
 
 BASE = """

@@ -22,10 +22,10 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from lorakit.config import validate_config
+from lorakit.config_loading import validate_config
 from lorakit.errors import DataError, RunError
 from lorakit.runs import CHECKPOINT_MARKER, RunPaths, staging_dir
-from lorakit.train import TrainingInterrupted, train
+from lorakit.train.recipe import TrainingInterrupted, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 QA = [
@@ -43,7 +43,7 @@ import json, os, signal, sys
 from pathlib import Path
 import torch
 from transformers import TrainerCallback
-import lorakit.train as lt
+import lorakit.train.recipe as lt
 
 plan = json.loads(os.environ["CRASH_PLAN"])
 

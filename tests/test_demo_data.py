@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-DEMO_FILE = Path(str(resources.files("lorakit") / "demo_data" / "reading_comprehension.json"))
+DEMO_FILE = Path(str(resources.files("lorakit.demo") / "demo_data" / "reading_comprehension.json"))
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_article_split_never_shares_a_passage(squad):
 
 def test_demo_config_holds_out_whole_articles(tmp_path):
     from lorakit.data import load_splits
-    from lorakit.demo import demo_config, demo_data_path
+    from lorakit.demo.end_to_end import demo_config, demo_data_path
 
     config = demo_config(tmp_path / "model", tmp_path / "runs" / "demo")
     assert Path(config.data.path) == demo_data_path() == DEMO_FILE
@@ -108,10 +108,10 @@ def test_demo_config_holds_out_whole_articles(tmp_path):
 def test_run_demo_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     """The demo's wiring (model -> train -> before/after eval -> table), with the tiny test model
     standing in for SmolLM2 so nothing is downloaded."""
-    import lorakit.hubless
-    from lorakit import demo
+    import lorakit.demo.hubless
+    from lorakit.demo import end_to_end as demo
 
-    monkeypatch.setattr(lorakit.hubless, "ensure_smollm2", lambda *a, **k: tiny_llama_dir)
+    monkeypatch.setattr(lorakit.demo.hubless, "ensure_smollm2", lambda *a, **k: tiny_llama_dir)
     result = demo.run_demo(tmp_path / "runs" / "demo", quick=True)
     assert set(result["times_s"]) == {"model", "train", "evaluate", "total"}
     for side in ("before", "after"):

@@ -7,10 +7,10 @@ import os
 import subprocess
 import sys
 
-from lorakit.callbacks import read_metrics
-from lorakit.config import load_config
-from lorakit.distributed import torchrun_command
-from lorakit.train import train
+from lorakit.runs import read_metrics
+from lorakit.config_loading import load_config
+from lorakit.train.distributed import torchrun_command
+from lorakit.train.recipe import train
 
 QA = [(f"What is item {i}?", f"item {i} is number {i * 7}") for i in range(16)]
 

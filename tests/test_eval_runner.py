@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.config import validate_config
+from lorakit.config_loading import validate_config
 from lorakit.data import load_splits
 from lorakit.errors import EvalError
 from lorakit.evaluate.metrics import score_example
@@ -21,7 +21,7 @@ PAIRS = [("What is the capital of France?", "Paris"), ("Who wrote the book?", "t
 
 @pytest.fixture(scope="module")
 def trained(tiny_llama_dir, tmp_path_factory) -> Path:
-    from lorakit.train import train
+    from lorakit.train.recipe import train
 
     tmp = tmp_path_factory.mktemp("eval")
     data = tmp / "qa.jsonl"
@@ -61,7 +61,7 @@ def test_eval_writes_every_output(trained, evaluated):
 
 
 def test_eval_uses_the_runs_own_held_out_split(trained, evaluated):
-    from lorakit.runs import read_run
+    from lorakit.run_metadata import read_run
 
     splits = load_splits(read_run(trained).config.data)
     ids = [line["id"] for line in _lines(Path(evaluated["folder"]) / "predictions.jsonl")]
@@ -90,7 +90,7 @@ def test_reported_numbers_are_the_predictions_numbers(trained, evaluated):
 
 
 def test_eval_on_a_data_file_and_a_merged_folder(trained, tmp_path):
-    from lorakit.export import merge_run
+    from lorakit.export.merge import merge_run
 
     data = tmp_path / "extra.json"
     data.write_text(json.dumps([{"id": "x1", "question": PAIRS[0][0], "answer": "Paris"},

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.config import load_config
+from lorakit.config_loading import load_config
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
 

@@ -9,13 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorakit.config import TemplateConfig, validate_config
+from lorakit.config import TemplateConfig
+from lorakit.config_loading import validate_config
 from lorakit.errors import ConfigError, ModelError, RunError
-from lorakit.evaluate.generate import generate_batched
-from lorakit.export import hf_chat_template, merge_run
-from lorakit.modeling import base_model_identity
-from lorakit.runs import RunPaths, atomic_write_text, read_run, write_metadata
-from lorakit.templates import BUILTINS, render_prompt, resolve_template
+from lorakit.inference.decoding import generate_batched
+from lorakit.export.merge import hf_chat_template, merge_run
+from lorakit.models.identity import base_model_identity
+from lorakit.runs import RunPaths
+from lorakit.files import atomic_write_text
+from lorakit.run_metadata import read_run, write_metadata
+from lorakit.prompting.builtins import BUILTINS
+from lorakit.prompting.templates import render_prompt, resolve_template
 
 SYSTEM = "Answer briefly."
 CONVERSATIONS = [
@@ -212,7 +216,7 @@ def test_quantized_run_merges_into_unquantized_base(tiny_llama_dir, tmp_path):
 
 
 def test_failed_verification_publishes_nothing(run_dir, tmp_path, monkeypatch):
-    import lorakit.export as export
+    import lorakit.export.merge as export
 
     monkeypatch.setitem(export.TOLERANCES, "float32", (0.0, 0.0))
     monkeypatch.setattr(export, "compare_logits", lambda *a: {"passed": False, "max_abs_diff": 1.0,
@@ -224,7 +228,7 @@ def test_failed_verification_publishes_nothing(run_dir, tmp_path, monkeypatch):
 
 
 def test_lorakit_generate_works_on_the_merged_folder(run_dir, merged):
-    from lorakit.infer import generate_command
+    from lorakit.cli_commands import generate_command
 
     for question, context in [("What is the capital of France?", None), ("Who wrote it?", "Ann wrote it.")]:
         from_run = generate_command(str(run_dir), question, context, max_new_tokens=10)
@@ -234,8 +238,8 @@ def test_lorakit_generate_works_on_the_merged_folder(run_dir, merged):
 def test_merged_folder_can_be_served(merged):
     from fastapi.testclient import TestClient
 
-    from lorakit.infer import generate_command
-    from lorakit.serve import create_app
+    from lorakit.cli_commands import generate_command
+    from lorakit.serve.app import create_app
 
     out = merged[0]
     body = {"model": out.name, "max_tokens": 10, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
@@ -248,7 +252,7 @@ def test_merged_folder_can_be_served(merged):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_seq2seq_merge(tiny_t5_dir, tmp_path, dtype):
-    from lorakit.infer import generate_command
+    from lorakit.cli_commands import generate_command
 
     run = make_run(tmp_path / "t5-run", tiny_t5_dir, task_type="seq2seq")
     report = merge_run(run, tmp_path / "t5-merged", dtype=dtype)

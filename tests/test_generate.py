@@ -9,13 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from lorakit.evaluate.generate import (
-    encode_prompt,
-    extract_answer,
-    generate_batched,
-    reference_perplexity,
-    stream_generate,
-)
+from lorakit.inference.decoding import encode_prompt, generate_batched, stream_generate
+from lorakit.evaluate.answers import extract_answer
+from lorakit.evaluate.perplexity import reference_perplexity
 
 PROMPTS = [
     "### Question: What is the capital of France?\n### Answer:",

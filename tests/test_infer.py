@@ -11,12 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorakit.config import TemplateConfig, validate_config
+from lorakit.config import TemplateConfig
+from lorakit.config_loading import validate_config
 from lorakit.errors import ModelError, RunError
-from lorakit.evaluate.generate import generate_batched
-from lorakit.infer import Predictor, chat_loop, generate_command, load_predictor, read_context
-from lorakit.runs import write_metadata
-from lorakit.templates import BUILTINS, render_prompt, resolve_template
+from lorakit.inference.decoding import generate_batched
+from lorakit.inference.predictor import Predictor, load_predictor
+from lorakit.cli_commands import chat_loop, generate_command, read_context
+from lorakit.run_metadata import write_metadata
+from lorakit.prompting.builtins import BUILTINS
+from lorakit.prompting.templates import render_prompt, resolve_template
 
 QUESTION = "What is the capital of France?"
 MAX_NEW = 8

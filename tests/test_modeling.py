@@ -5,7 +5,9 @@ from unittest import mock
 import pytest
 import torch
 
-from lorakit import modeling
+from lorakit.models import identity as base_identity
+from lorakit.models import lora, precision
+from lorakit.models import loading as modeling
 from lorakit.config import LoraConfig, ModelConfig
 from lorakit.errors import ModelError
 
@@ -18,23 +20,23 @@ def test_detect_task_type_from_config_and_override(tiny_llama_dir, tiny_t5_dir):
 
 
 def test_choose_precision_per_device():
-    assert modeling.choose_precision("auto", "cpu") == (torch.float32, "float32")
-    assert modeling.choose_precision("float32", "cpu") == (torch.float32, "float32")
+    assert precision.choose_precision("auto", "cpu") == (torch.float32, "float32")
+    assert precision.choose_precision("float32", "cpu") == (torch.float32, "float32")
     with pytest.warns(UserWarning, match="slower"):
-        assert modeling.choose_precision("bfloat16", "cpu") == (torch.bfloat16, "bfloat16")
+        assert precision.choose_precision("bfloat16", "cpu") == (torch.bfloat16, "bfloat16")
     with pytest.raises(ModelError, match="float16 training needs a CUDA GPU"):
-        modeling.choose_precision("float16", "cpu")
+        precision.choose_precision("float16", "cpu")
     # a T4-like GPU without bf16: float16 mixed precision over float32 master weights
     with mock.patch.object(torch.cuda, "is_available", return_value=True), mock.patch.object(
         torch.cuda, "is_bf16_supported", return_value=False
     ):
-        assert modeling.choose_precision("auto", "cuda") == (torch.float32, "float16")
+        assert precision.choose_precision("auto", "cuda") == (torch.float32, "float16")
         with pytest.raises(ModelError, match="does not support"):
-            modeling.choose_precision("bfloat16", "cuda")
+            precision.choose_precision("bfloat16", "cuda")
     with mock.patch.object(torch.cuda, "is_available", return_value=True), mock.patch.object(
         torch.cuda, "is_bf16_supported", return_value=True
     ):
-        assert modeling.choose_precision("auto", "cuda:0") == (torch.bfloat16, "bfloat16")
+        assert precision.choose_precision("auto", "cuda:0") == (torch.bfloat16, "bfloat16")
 
 
 def test_load_tokenizer_uses_eos_as_pad_when_missing(tmp_path, tiny_llama_dir):
@@ -68,28 +70,28 @@ def test_quantization_on_cpu_fails_before_loading(tiny_llama_dir):
 
 def test_apply_lora_auto_targets_per_family(tiny_llama_dir, tiny_t5_dir):
     llama = modeling.load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), "causal")
-    peft_model = modeling.apply_lora(llama, LoraConfig(r=4, alpha=8), "causal")
+    peft_model = lora.apply_lora(llama, LoraConfig(r=4, alpha=8), "causal")
     assert sorted(peft_model.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    assert modeling.trainable_summary(peft_model).startswith("trainable ")
+    assert lora.trainable_summary(peft_model).startswith("trainable ")
 
     t5 = modeling.load_base_model(ModelConfig(name_or_path=str(tiny_t5_dir)), "seq2seq")
-    peft_t5 = modeling.apply_lora(t5, LoraConfig(r=4), "seq2seq")
+    peft_t5 = lora.apply_lora(t5, LoraConfig(r=4), "seq2seq")
     assert sorted(peft_t5.peft_config["default"].target_modules) == ["q", "v"]
 
 
 def test_apply_lora_explicit_list_and_unknown_names(tiny_llama_dir):
     model = modeling.load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), "causal")
     with pytest.raises(ModelError, match="query_proj not found.*q_proj"):
-        modeling.apply_lora(model, LoraConfig(target_modules=["query_proj"]), "causal")
-    peft_model = modeling.apply_lora(model, LoraConfig(r=2, target_modules=["o_proj", "up_proj"]), "causal")
+        lora.apply_lora(model, LoraConfig(target_modules=["query_proj"]), "causal")
+    peft_model = lora.apply_lora(model, LoraConfig(r=2, target_modules=["o_proj", "up_proj"]), "causal")
     assert sorted(peft_model.peft_config["default"].target_modules) == ["o_proj", "up_proj"]
 
 
 def test_gradient_checkpointing_still_trains_adapters(tiny_llama_dir):
     model = modeling.load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), "causal")
-    peft_model = modeling.apply_lora(model, LoraConfig(r=4, dropout=0.0), "causal", gradient_checkpointing=True)
+    peft_model = lora.apply_lora(model, LoraConfig(r=4, dropout=0.0), "causal", gradient_checkpointing=True)
     peft_model.train()
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     peft_model(input_ids=ids, labels=ids).loss.backward()
@@ -100,18 +102,18 @@ def test_gradient_checkpointing_still_trains_adapters(tiny_llama_dir):
 def test_base_model_identity_hashes_local_weights(tiny_llama_dir):
     import hashlib
 
-    identity = modeling.base_model_identity(ModelConfig(name_or_path=str(tiny_llama_dir)))
+    identity = base_identity.base_model_identity(ModelConfig(name_or_path=str(tiny_llama_dir)))
     expected = hashlib.sha256((tiny_llama_dir / "model.safetensors").read_bytes()).hexdigest()
     assert identity["sha256"] == expected
     assert identity["name_or_path"] == str(tiny_llama_dir.resolve())
-    hub = modeling.base_model_identity(ModelConfig(name_or_path="org/model", revision="abc123"))
+    hub = base_identity.base_model_identity(ModelConfig(name_or_path="org/model", revision="abc123"))
     assert hub == {"name_or_path": "org/model", "gguf_file": None, "revision": "abc123", "sha256": None}
 
 
 def test_truncated_weights_name_the_file_before_loading(tmp_path, tiny_llama_dir):
     import shutil
 
-    from lorakit.modeling import check_safetensors
+    from lorakit.models.loading import check_safetensors
 
     check_safetensors(tiny_llama_dir)  # a complete file passes
     folder = tmp_path / "cut"

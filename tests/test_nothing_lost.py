@@ -16,7 +16,7 @@ from test_export import make_run
 from tiny import build_tiny_llama
 
 from lorakit.cli import main
-from lorakit.config import validate_config
+from lorakit.config_loading import validate_config
 from lorakit.errors import ModelError
 from lorakit.evaluate import history
 
@@ -153,8 +153,8 @@ def test_merge_onto_the_base_or_the_run_is_refused(where, base, run, tmp_path, c
 
 
 def test_a_changed_base_is_refused_with_the_fix(base, run, tmp_path, capsys):
-    from lorakit.export import merge_run
-    from lorakit.infer import load_predictor
+    from lorakit.export.merge import merge_run
+    from lorakit.inference.predictor import load_predictor
 
     original = (base / "model.safetensors").read_bytes()
     other = build_tiny_llama(tmp_path / "other", seed=1)
@@ -174,13 +174,13 @@ def test_a_changed_base_is_refused_with_the_fix(base, run, tmp_path, capsys):
 
 
 def test_weights_are_hashed_only_when_size_or_mtime_changed(base, run, tmp_path, monkeypatch):
-    import lorakit.runs as runs
-    from lorakit.infer import load_predictor
+    import lorakit.files as files
+    from lorakit.inference.predictor import load_predictor
 
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
     calls = []
-    real = runs.sha256_file
-    monkeypatch.setattr(runs, "sha256_file", lambda path: calls.append(path) or real(path))
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda path: calls.append(path) or real(path))
 
     load_predictor(run, device="cpu")
     assert calls == []  # untouched since training: size and mtime match lorakit.json
@@ -194,7 +194,7 @@ def test_weights_are_hashed_only_when_size_or_mtime_changed(base, run, tmp_path,
 
 
 def test_a_hub_base_must_load_the_recorded_commit():
-    from lorakit.base_identity import check_base_revision
+    from lorakit.models.identity import check_base_revision
 
     commit = "a" * 40
     info = SimpleNamespace(root=Path("runs/x"), base={"name_or_path": "org/model", "revision": commit, "sha256": None})

@@ -9,14 +9,16 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from lorakit.config import validate_config
+from lorakit.config_loading import validate_config
 from lorakit.errors import ConfigError, ModelError
-from lorakit.measure import TensorMemoryTracker, measure_lora_step
-from lorakit.memory import estimate_step_memory, flops_per_token
-from lorakit.shape import read_model_shape
-from lorakit.plan import (
-    DataLengths, estimate_memory, fit_config, gpu_spec, plan_command, plan_run, run_with_oom_backoff,
-)
+from lorakit.plan.measure import TensorMemoryTracker, measure_lora_step
+from lorakit.plan.memory import estimate_step_memory, flops_per_token
+from lorakit.plan.shape import read_model_shape
+from lorakit.plan.devices import gpu_spec
+from lorakit.plan.estimate import DataLengths, estimate_memory
+from lorakit.plan.planner import plan_run
+from lorakit.plan.fitting import fit_config, run_with_oom_backoff
+from lorakit.cli_commands import plan_command
 
 
 @pytest.fixture(autouse=True)
@@ -229,9 +231,9 @@ def test_oom_backoff_gives_up_at_micro_batch_one_and_passes_other_errors(tiny_ll
 
 def test_plan_command_uses_the_real_token_lengths(tiny_llama_dir, tmp_path):
     from lorakit.data import load_splits
-    from lorakit.modeling import load_tokenizer
-    from lorakit.templates import resolve_template
-    from lorakit.tokenize import encode_examples
+    from lorakit.models.loading import load_tokenizer
+    from lorakit.prompting.templates import resolve_template
+    from lorakit.prompting.encoding import encode_examples
 
     records = [{"question": f"What is {i} plus {i}?", "answer": str(2 * i), "context": "numbers go here " * (i % 5)} for i in range(30)]
     (tmp_path / "qa.json").write_text(json.dumps(records), encoding="utf-8")

@@ -4,19 +4,12 @@ import json
 
 import pytest
 
-from lorakit.config import validate_config
+from lorakit.config_loading import validate_config
 from lorakit.errors import RunError
-from lorakit.runs import (
-    RunPaths,
-    atomic_write_json,
-    atomic_write_text,
-    mark_checkpoint_complete,
-    prepare_run_dir,
-    read_run,
-    run_dir_for,
-    write_metadata,
-)
-from lorakit.templates import Template
+from lorakit.runs import RunPaths, mark_checkpoint_complete, prepare_run_dir, run_dir_for
+from lorakit.files import atomic_write_json, atomic_write_text
+from lorakit.run_metadata import read_run, write_metadata
+from lorakit.prompting.templates import Template
 
 TEMPLATE = Template(
     name="question_answer",

@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 
-from lorakit.config import validate_config
+from lorakit.config_loading import validate_config
 from lorakit.evaluate.runner import evaluate_path
-from lorakit.export import merge_run
-from lorakit.infer import generate_command, load_predictor
-from lorakit.train import train
+from lorakit.export.merge import merge_run
+from lorakit.cli_commands import generate_command
+from lorakit.inference.predictor import load_predictor
+from lorakit.train.recipe import train
 
 QA = [
     ("What is the capital of France?", "Paris"),
@@ -69,7 +70,7 @@ def test_seq2seq_eval_scores_the_generations(t5_run, tmp_path):
 def test_seq2seq_merge_equals_adapter_and_serves(t5_run, tmp_path):
     from fastapi.testclient import TestClient
 
-    from lorakit.serve import create_app
+    from lorakit.serve.app import create_app
 
     paths, _ = t5_run
     report = merge_run(str(paths.root), str(tmp_path / "merged"))

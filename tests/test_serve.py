@@ -16,10 +16,10 @@ import httpx
 import pytest
 import torch
 
-from lorakit.config import validate_config
+from lorakit.config_loading import validate_config
 from lorakit.errors import ServeError
-from lorakit.infer import generate_command
-from lorakit.serve import create_app
+from lorakit.cli_commands import generate_command
+from lorakit.serve.app import create_app
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -36,7 +36,7 @@ def runs(tiny_llama_dir, tmp_path_factory):
     weights perturbed, so both share one base model but answer differently."""
     from safetensors.torch import load_file, save_file
 
-    from lorakit.train import train
+    from lorakit.train.recipe import train
 
     tmp = tmp_path_factory.mktemp("serve")
     data = tmp / "qa.jsonl"
@@ -274,7 +274,7 @@ class _Recorder:
         self.entered, self.release = threading.Event(), threading.Event()
 
     def generate_prompts(self, prompts, **decoding):
-        from lorakit.evaluate.generate import Generation
+        from lorakit.inference.decoding import Generation
 
         if not self.entered.is_set():
             self.entered.set()
@@ -286,13 +286,13 @@ class _Recorder:
 def _job(name, predictor, prompt, max_new=8):
     from types import SimpleNamespace
 
-    from lorakit.serve_worker import Job
+    from lorakit.serve.worker import Job
 
     return Job(SimpleNamespace(name=name, predictor=predictor), [prompt], max_new, 0.0, 1.0)
 
 
 def test_worker_groups_only_compatible_jobs_and_survives_cancelled_ones():
-    from lorakit.serve_worker import BatchWorker
+    from lorakit.serve.worker import BatchWorker
 
     recorder = _Recorder()
     worker = BatchWorker(max_batch_size=3, max_wait_ms=50)
@@ -318,7 +318,7 @@ def test_worker_groups_only_compatible_jobs_and_survives_cancelled_ones():
 def test_busy_port_is_a_clear_error(runs):
     import socket
 
-    from lorakit.serve import run_server
+    from lorakit.serve.app import run_server
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

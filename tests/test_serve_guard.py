@@ -111,7 +111,7 @@ def _chat(model: str, max_tokens: int, **extra) -> dict:
 
 def test_health_answers_while_a_prompt_is_being_tokenized(server, monkeypatch):
     """Tokenizing is held inside a gate: /health must still answer, so it runs off the event loop."""
-    from lorakit.infer import Predictor
+    from lorakit.inference.predictor import Predictor
 
     entered, release = threading.Event(), threading.Event()
     original = Predictor.prompt_ids
@@ -160,7 +160,7 @@ def test_a_chunked_body_is_cut_off_once_it_passes_the_limit(server):
 def test_the_limit_is_configurable(runs):  # noqa: F811
     from fastapi.testclient import TestClient
 
-    from lorakit.serve import create_app
+    from lorakit.serve.app import create_app
 
     with TestClient(create_app([str(runs[0])], max_body_bytes=2000)) as http:
         small = http.post("/v1/chat/completions", json=_chat("qa", 4))
@@ -206,7 +206,7 @@ def test_abandoned_requests_stop_generating(server, app):  # noqa: F811
 
 def test_worker_stops_a_running_batch_row_whose_job_is_cancelled(app):  # noqa: F811
     """The stop flag is checked between decoding steps: cancelling mid-generation ends the batch."""
-    from lorakit.serve_worker import Job
+    from lorakit.serve.worker import Job
 
     served = app.state.lorakit.models["other"]
     with served.view() as view:
@@ -224,7 +224,7 @@ def test_worker_stops_a_running_batch_row_whose_job_is_cancelled(app):  # noqa: 
 def test_docs_need_the_key_when_one_is_set(runs):  # noqa: F811
     from fastapi.testclient import TestClient
 
-    from lorakit.serve import create_app
+    from lorakit.serve.app import create_app
 
     with TestClient(create_app([str(runs[0])], api_key="s3cret")) as http:
         for path in ("/docs", "/redoc", "/openapi.json", "/v1/models"):

@@ -5,7 +5,8 @@ from transformers import AutoTokenizer
 
 from lorakit.config import TemplateConfig
 from lorakit.errors import TemplateError
-from lorakit.templates import BUILTINS, Template, render_prompt, render_segments, resolve_template
+from lorakit.prompting.builtins import BUILTINS
+from lorakit.prompting.templates import Template, render_prompt, render_segments, resolve_template
 
 TWO_TURNS = [
     {"role": "user", "content": "What is the capital of France?"},

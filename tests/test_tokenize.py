@@ -3,17 +3,17 @@ from transformers import AutoTokenizer
 
 from lorakit.config import TemplateConfig
 from lorakit.data.example import Example
-from lorakit.templates import render_prompt, resolve_template
-from lorakit.tokenize import (
+from lorakit.prompting.templates import render_prompt, resolve_template
+from lorakit.prompting.encoding import (
     Dropped,
     Encoded,
-    PaddingCollator,
     encode_example,
     encode_examples,
     encode_prompt,
     length_percentiles,
     render_marked_example,
 )
+from lorakit.prompting.collation import PaddingCollator
 
 IGNORE = -100
 

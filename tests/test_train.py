@@ -11,11 +11,12 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from lorakit.config import validate_config
+from lorakit.config_loading import validate_config
 from lorakit.errors import ConfigError, ModelError, RunError
-from lorakit.runs import RunPaths, read_run, run_dir_for
-from lorakit.templates import render_prompt
-from lorakit.train import TrainingInterrupted, train
+from lorakit.runs import RunPaths, run_dir_for
+from lorakit.run_metadata import read_run
+from lorakit.prompting.templates import render_prompt
+from lorakit.train.recipe import TrainingInterrupted, train
 
 QA = [
     ("What is the capital of France?", "Paris"),

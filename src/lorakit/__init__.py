@@ -1,2 +1,2 @@
 """lorakit: LoRA/QLoRA fine-tuning for QA and chat, evaluated honestly."""
-__version__ = "0.1.0"
+from ._version import __version__

@@ -29,7 +29,7 @@ SET_HELP = "Override a config value: --set section.key=value (repeatable)."
 
 
 def _load(config: Path, overrides: Optional[List[str]]):
-    from .config import load_config
+    from .config_loading import load_config
 
     return load_config(config, overrides or [])
 
@@ -53,11 +53,11 @@ def train(
             hint="resume once with --nproc 1 --allow-config-change, then continue with --nproc",
         )
     if nproc > 1:
-        from .distributed import launch_data_parallel
+        from .train.distributed import launch_data_parallel
 
         raise typer.Exit(launch_data_parallel(config, set_ or [], resume=resume, nproc=nproc))
     cfg = _load(config, set_)  # config mistakes are reported before the heavy imports
-    from .train import train as run_training
+    from .train.recipe import train as run_training
 
     paths = run_training(cfg, resume=resume, allow_config_change=allow_config_change)
     typer.echo(f"Run folder: {paths.root}")
@@ -69,7 +69,7 @@ def data_inspect(
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Counts per split, dropped records and why, token lengths, one rendered example."""
-    from .data.inspect import inspect_data
+    from .inspection import inspect_data
 
     typer.echo(inspect_data(_load(config, set_)))
 
@@ -128,7 +128,7 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
 ):
     """Answer one question with the run's own template."""
-    from .infer import generate_command
+    from .cli_commands import generate_command
 
     answer = generate_command(
         str(run), question, context, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
@@ -144,7 +144,7 @@ def chat(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
 ):
     """Multi-turn chat in the terminal, streaming tokens as they come (/reset, /exit)."""
-    from .infer import chat_loop
+    from .cli_commands import chat_loop
 
     chat_loop(str(run), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
 
@@ -157,7 +157,7 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing merged folder."),
 ):
     """Merge the adapter into the base model, verify the logits, save safetensors + template."""
-    from .export import merge_command
+    from .cli_commands import merge_command
 
     merge_command(str(run), str(out), dtype=dtype, overwrite=overwrite)
 
@@ -175,7 +175,7 @@ def serve(
     ),
 ):
     """Serve runs behind an OpenAI-compatible HTTP API."""
-    from .serve import serve_command
+    from .cli_commands import serve_command
 
     serve_command(
         runs, host=host, port=port, api_key=api_key, max_tokens_limit=max_tokens_limit, max_batch_size=max_batch_size,
@@ -192,7 +192,7 @@ def plan(
     fit: bool = typer.Option(False, "--fit", help="Choose settings that fit the device."),
 ):
     """Predict peak memory and time before loading any weights; --fit picks settings that fit."""
-    from .plan import plan_command
+    from .cli_commands import plan_command
 
     plan_command(str(config), set_ or [], gpu=gpu, memory_gb=memory_gb, fit=fit)
 
@@ -203,7 +203,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="One epoch instead of three (a smaller gain)."),
 ):
     """Offline end to end on the CPU: SmolLM2-135M-Instruct, before/after scores on bundled QA data."""
-    from .demo import run_demo
+    from .demo.end_to_end import run_demo
 
     run_demo(workdir=str(workdir), quick=quick)
 
@@ -211,7 +211,7 @@ def demo(
 @app.command()
 def version():
     """Print the lorakit version."""
-    from . import __version__
+    from ._version import __version__
 
     typer.echo(__version__)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import DataError
+from ..files import wide_encoding
 
 logger = logging.getLogger("lorakit.data")
 
@@ -96,26 +97,6 @@ def read_raw(path: str | Path, hub_split: str = "train") -> RawData:
 
 def _looks_like_hub_name(text: str) -> bool:
     return bool(_HUB_NAME.match(text)) and Path(text).suffix.lower() not in SUFFIXES
-
-
-# Byte-order marks of the encodings people save text in by mistake (Windows "Unicode" is UTF-16).
-_BOMS = (
-    (b"\xff\xfe\x00\x00", "UTF-32 LE"), (b"\x00\x00\xfe\xff", "UTF-32 BE"),
-    (b"\xff\xfe", "UTF-16 LE"), (b"\xfe\xff", "UTF-16 BE"),
-)
-
-
-def wide_encoding(data: bytes) -> Optional[str]:
-    """The name of a UTF-16/32 encoding when `data` looks like one (a BOM, or NUL bytes, which
-    UTF-8 text never holds), else None. Such files otherwise fail with misleading syntax errors."""
-    for bom, name in _BOMS:
-        if data.startswith(bom):
-            return name
-    head = data[:4096]
-    if b"\x00" in head:
-        # ASCII characters in UTF-16 have their NUL byte after (LE) or before (BE) them
-        return "UTF-16 LE" if head[1::2].count(0) > head[0::2].count(0) else "UTF-16 BE"
-    return None
 
 
 def read_bytes(path: Path) -> bytes:

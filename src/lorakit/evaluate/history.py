@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..errors import EvalError
-from ..runs import atomic_write_json
+from ..files import atomic_write_json
 
 INDEX = "index.json"
 HEADLINE = ("exact_match", "f1", "rougeL", "bleu", "never_stops_rate", "perplexity")

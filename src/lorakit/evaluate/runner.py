@@ -72,7 +72,8 @@ def score_examples(
 
     Used by `lorakit eval` and by the generation-based validation during training.
     """
-    from .generate import extract_answer, reference_perplexity
+    from .answers import extract_answer
+    from .perplexity import reference_perplexity
     from .metrics import corpus_metrics
 
     conversations = [ex.prompt_messages() for ex in examples]
@@ -135,10 +136,10 @@ def evaluate_path(
             out_dir is a file or a folder that is not empty.
         RunError / ModelError / DataError: the folder, model or data cannot be loaded.
     """
-    from ..callbacks import read_metrics
+    from ..runs import read_metrics
     from ..config import EvalConfig
-    from ..infer import _is_plain_model, load_predictor
-    from ..runs import read_run
+    from ..inference.predictor import _is_plain_model, load_predictor
+    from ..run_metadata import read_run
     from .history import check_out_dir, label_for, publish_new, publish_to, staging, write_index
     from .report import write_eval_outputs
 

@@ -1,0 +1,128 @@
+"""The printing commands behind `lorakit generate`, `chat`, `merge`, `serve` and `plan`: they call the
+library and print for the terminal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+from .errors import ModelError
+import logging
+from .config_loading import load_config
+from .plan.shape import read_model_shape
+from .serve.app import DEFAULT_MAX_BODY_BYTES, run_server
+from .export.merge import MergeReport, merge_run
+from .plan.estimate import _task_type, data_lengths
+from .plan.fitting import fit_config
+from .inference.predictor import load_predictor
+from .plan.planner import plan_run
+from .plan.render import render_plan
+
+logger = logging.getLogger("lorakit.serve")
+
+
+def read_context(context: Optional[str]) -> Optional[str]:
+    """`--context` is a path to a text file, or the passage itself."""
+    if not context:
+        return None
+    try:
+        candidate = Path(context).expanduser()
+        if len(context) < 4096 and "\n" not in context and candidate.is_file():
+            return candidate.read_text(encoding="utf-8")
+    except OSError:
+        pass
+    return context
+
+
+def generate_command(path: str, question: str, context: Optional[str] = None, **decoding) -> str:
+    """`lorakit generate RUN "question" [--context FILE_OR_TEXT]`: one answer, with the run's template."""
+    predictor = load_predictor(path)
+    messages = [{"role": "user", "content": question}]
+    return predictor.generate([messages], [read_context(context)], **decoding)[0].text
+
+
+def chat_loop(
+    path: str,
+    *,
+    input_fn: Callable[[str], str] = input,
+    output: Callable[..., None] = print,
+    **decoding,
+) -> list[dict]:
+    """`lorakit chat RUN`: a multi-turn conversation in the terminal, replies streamed as they come.
+
+    `/reset` starts over, `/exit` (or end of input) quits. `output` is called like print.
+    Returns the conversation as it stood at the end.
+    """
+    predictor = load_predictor(path)
+    output(f"Chatting with {predictor.name} (template '{predictor.template.name}'). /reset starts over, /exit quits.")
+    messages: list[dict] = []
+    while True:
+        try:
+            line = input_fn("you> ")
+        except (EOFError, KeyboardInterrupt):
+            output()
+            break
+        text = line.strip()
+        if text == "/exit":
+            break
+        if text == "/reset":
+            messages = []
+            output("(conversation cleared)")
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        # forget the oldest exchanges when the conversation outgrows the model's context
+        while True:
+            try:
+                pieces = predictor.stream(messages, **decoding)
+                break
+            except ModelError:
+                if len(messages) <= 1:
+                    raise
+                messages = messages[2:]
+                output("(the oldest turn was dropped to fit the model's context)")
+        output("bot> ", end="", flush=True)
+        reply = []
+        for piece in pieces:
+            reply.append(piece)
+            output(piece, end="", flush=True)
+        output()
+        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+    return messages
+
+
+def merge_command(run: str, out: str, *, dtype: str = "float32", overwrite: bool = False) -> MergeReport:
+    """What `lorakit merge` runs: merge, verify, print the verdict and the largest difference."""
+    def announce() -> None:
+        print(f"Merging the adapter of {run} into its base model (in float32, saved as {dtype}) ...", flush=True)
+
+    report = merge_run(run, out, dtype=dtype, overwrite=overwrite, on_start=announce)
+    print(report.summary(), flush=True)
+    return report
+
+
+def serve_command(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
+                  max_tokens_limit: int = 512, max_batch_size: int = 8,
+                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    """What `lorakit serve` runs: request log lines go to stderr."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logger.setLevel(logging.INFO)
+    run_server(runs, host=host, port=port, api_key=api_key, max_tokens_limit=max_tokens_limit,
+               max_batch_size=max_batch_size, max_body_bytes=max_body_bytes)
+
+
+def plan_command(config_path, overrides: Optional[list[str]] = None, gpu: str = "cpu",
+                 memory_gb: Optional[float] = None, fit: bool = False, console=None) -> str:
+    """`lorakit plan config.yaml [--gpu ...] [--memory-gb N] [--fit]`: print the plan, return its text.
+    With --fit (or train.auto_fit: true) the plan shown is the fitted config's, with each choice."""
+    config = load_config(config_path, overrides)
+    choices = None
+    if fit or config.train.auto_fit:
+        shape = read_model_shape(config.model)
+        lengths = data_lengths(config, _task_type(config, shape))
+        config, choices = fit_config(config, gpu, memory_gb, shape=shape, lengths=lengths)
+        plan = plan_run(config, gpu, memory_gb, shape=shape, lengths=lengths)
+    else:
+        plan = plan_run(config, gpu, memory_gb)
+    return render_plan(plan, choices, console)

@@ -1,0 +1,374 @@
+"""Merge a run's LoRA adapter into its base model, verify the result, and save a standalone model.
+
+The merged folder holds safetensors weights, the tokenizer with the run's TRAINING template as its
+chat template (so plain transformers `apply_chat_template` renders exactly the training prompt),
+`lorakit.json` (so `lorakit eval/generate/serve` work on it) and `merge_verification.json`.
+
+Verification is part of merging: the saved model is loaded back and its logits on a few prompts
+are compared with base + adapter computed in float32 before merging. The merge itself is always
+done in float32 and cast to the requested dtype afterwards. Every logit must satisfy
+|merged - reference| <= atol + rtol * scale, where scale is the largest |logit| of that prompt
+(rounding error grows with the size of the activations, not of each single logit):
+
+    float32   atol 1e-4, rtol 1e-4   (only summation-order rounding differs)
+    float16   atol 5e-2, rtol 2e-2   (10-bit mantissa: ~1e-3 relative per op, compounding over layers)
+    bfloat16  atol 2e-1, rtol 5e-2   (7-bit mantissa: ~8e-3 relative per op)
+
+Half precision alone can exceed these on some models (activations in the hundreds), so for
+float16/bfloat16 the merge also passes when it is within 1.5x (+ atol) of the difference that
+base + adapter itself shows, unmerged, in that dtype: the merge then adds no error of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..errors import ConfigError, ModelError, RunError
+
+TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (5e-2, 2e-2), "bfloat16": (2e-1, 5e-2)}
+FLOOR_FACTOR = 1.5
+VERIFICATION_FILE = "merge_verification.json"
+# Used when the caller gives no inputs: they exercise the template, a passage and non-Latin text.
+DEFAULT_QUESTIONS = [
+    ("What is the capital of France?", None),
+    ("Who wrote the book?", "The book was written by the author in 1999."),
+    ("پایتخت ایران کجاست؟", None),
+]
+_QUANTIZED = ("4bit", "8bit", "int4", "int8", "nf4", "fp4", "4-bit", "8-bit")
+
+
+@dataclass
+class MergeReport:
+    """What `merge_run` did and how closely the saved model matches base + adapter."""
+
+    out_dir: str
+    dtype: str
+    passed: bool
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+    atol: float
+    rtol: float
+    inputs: int
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    dtype_noise_floor: Optional[float] = None  # float16/bfloat16: base + adapter itself in that dtype
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines = [*self.notes, f"Merged model ({self.dtype}) saved to {self.out_dir} in {self.seconds:.1f} s."]
+        lines.append(
+            f"Verification {verdict}: on {self.inputs} prompts the merged logits differ from base + adapter "
+            f"by at most {self.max_abs_diff:.3g} (mean {self.mean_abs_diff:.3g}; tolerance atol {self.atol:g} + "
+            f"rtol {self.rtol:g} x the largest |logit|); greedy next tokens agree at {self.top1_agreement:.1%} of positions."
+        )
+        if self.dtype_noise_floor is not None:
+            lines.append(
+                f"For comparison, base + adapter unmerged in {self.dtype} differs from float32 by up to "
+                f"{self.dtype_noise_floor:.3g} (the precision's own noise; the merge may be up to {FLOOR_FACTOR:g}x that)."
+            )
+        return "\n".join(lines)
+
+
+# --- the chat template written into the merged tokenizer -----------------------------------------
+
+
+def _jinja_string(text: Optional[str]) -> str:
+    """A Jinja string literal (Jinja unescapes like Python, so JSON's escapes read back exactly)."""
+    return "none" if text is None else json.dumps(text, ensure_ascii=False)
+
+
+def hf_chat_template(template, system_prompt: Optional[str] = None) -> str:
+    """Translate a lorakit Template into a transformers chat template with the same output.
+
+    transformers passes `messages` (system turns included), `add_generation_prompt`, the special
+    tokens and any extra keyword, so `apply_chat_template(messages, context=passage)` works too.
+    Like lorakit, system messages are pulled out (joined by blank lines) and the run's system
+    prompt is the default; for a model's own chat template the system text and the passage are
+    folded into the messages, as lorakit does before rendering it.
+    """
+    default = system_prompt if system_prompt is not None else template.system
+    prelude = (
+        "{%- if context is not defined %}{% set context = none %}{% endif %}\n"
+        "{%- set _own = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') | list %}\n"
+        f"{{%- set _default = {_jinja_string(default)} %}}\n"
+        "{%- set system = (_own | join('\\n\\n')) if _own else _default %}\n"
+        "{%- if not system %}{% set system = none %}{% endif %}\n"
+        "{%- set _turns = messages | rejectattr('role', 'equalto', 'system') | list %}\n"
+    )
+    if template.uses_model_chat_template:
+        prelude += (
+            "{%- set ns = namespace(out=[], placed=not context) %}\n"
+            "{%- if system %}{% set ns.out = [{'role': 'system', 'content': system}] %}{% endif %}\n"
+            "{%- for m in _turns %}\n"
+            "{%- if not ns.placed and m['role'] == 'user' %}\n"
+            "{%- set ns.out = ns.out + [{'role': 'user', 'content': 'Context: ' ~ context ~ '\\n\\nQuestion: ' ~ m['content']}] %}\n"
+            "{%- set ns.placed = true %}\n"
+            "{%- else %}{% set ns.out = ns.out + [{'role': m['role'], 'content': m['content']}] %}{% endif %}\n"
+            "{%- endfor %}\n"
+            "{%- set messages = ns.out %}\n"
+        )
+    else:
+        prelude += "{%- set messages = _turns %}\n"
+    return prelude + template.source.lstrip("\n")
+
+
+# --- merging -------------------------------------------------------------------------------------
+
+
+def _check_dtype(dtype: str):
+    import torch
+
+    if dtype.lower() in _QUANTIZED:
+        raise ConfigError(
+            f"--dtype {dtype}: merging into 4-bit or 8-bit weights is refused: rounding base + adapter to "
+            "k bits throws away much of what the adapter learned.",
+            hint="merge to float16 or bfloat16 (or float32) and quantize the merged model afterwards if you must",
+        )
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ConfigError(f"--dtype {dtype!r} is not supported.", hint="use float32, float16 or bfloat16")
+    return table[dtype]
+
+
+def _relation(out: Path, folder: Path) -> Optional[str]:
+    """How --out overlaps a folder that must survive: 'is', 'is inside' or 'contains' (None: apart).
+    Paths are resolved first, so a symlink counts as the folder it points to."""
+    a, b = out.resolve(), folder.resolve()
+    if a == b:
+        return "is"
+    if a.is_relative_to(b):
+        return "is inside"
+    return "contains" if b.is_relative_to(a) else None
+
+
+def _prepare_out_dir(out: Path, info, overwrite: bool) -> None:
+    protected = [("the run", info.root)]
+    base = info.base.get("name_or_path")
+    if base and Path(base).is_dir():  # a local base (a hub id has no folder here)
+        protected.append(("the run's base model", Path(base)))
+    for what, folder in protected:
+        relation = _relation(out, folder)
+        if relation is not None:
+            raise RunError(
+                f"--out '{out}' {relation} {what} '{folder}', which a merge must leave untouched"
+                + (" (a merge written over the base makes the run apply its adapter twice)." if "base" in what else "."),
+                hint=f"give a new folder outside the run and its base model, e.g. --out merged/{info.root.resolve().name}",
+            )
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out '{out}' is a file.", hint="give a folder path that does not exist yet")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise RunError(
+            f"--out '{out}' already exists and is not empty; it is never overwritten silently.",
+            hint="choose a new folder, or pass --overwrite to replace it",
+        )
+
+
+def _model_config(info):
+    """The run's model section, loaded unquantized (merging needs real 16/32-bit weights)."""
+    from ..config import ModelConfig
+
+    base = info.base
+    trust = bool(info.config.model.trust_remote_code) if info.config is not None else False
+    return ModelConfig(
+        name_or_path=base["name_or_path"], gguf_file=base.get("gguf_file"), revision=base.get("revision"),
+        task_type=info.task_type, precision="float32", quantization="none", trust_remote_code=trust,
+    )
+
+
+def _run_tokenizer(info, model_config):
+    """The tokenizer saved with the adapter (what training used), else the base model's."""
+    from transformers import AutoTokenizer
+
+    from ..models.loading import load_tokenizer
+
+    if info.adapter_dir is not None and (info.adapter_dir / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(info.adapter_dir))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+    return load_tokenizer(model_config)
+
+
+def verification_prompts(info) -> list[str]:
+    """A few prompts rendered with the run's own template (what the model will really see)."""
+    from ..prompting.templates import render_prompt
+
+    return [
+        render_prompt(info.template, [{"role": "user", "content": q}], context=c, system=info.system_prompt)
+        for q, c in DEFAULT_QUESTIONS
+    ]
+
+
+def _logits(model, tokenizer, prompts: list[str], task_type: str) -> list:
+    """Float32 logits per prompt, one prompt at a time (no padding, so nothing but weights differs)."""
+    import torch
+
+    from ..inference.decoding import encode_prompt
+
+    device = next(model.parameters()).device
+    out = []
+    model.eval()
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([encode_prompt(tokenizer, prompt, task_type)], device=device)
+            if task_type == "seq2seq":
+                start = model.config.decoder_start_token_id
+                start = start if start is not None else (tokenizer.pad_token_id or 0)
+                decoder = torch.cat([torch.tensor([[start]], device=device), ids[:, :8]], dim=1)
+                logits = model(input_ids=ids, decoder_input_ids=decoder).logits
+            else:
+                logits = model(input_ids=ids).logits
+            out.append(logits[0].float().cpu())
+    return out
+
+
+def compare_logits(reference: list, merged: list, atol: float, rtol: float) -> dict:
+    """Largest and mean absolute difference, verdict against the scaled tolerance, greedy-token agreement."""
+    import torch
+
+    diffs = [(m - r).abs() for r, m in zip(reference, merged)]
+    passed = all(float(d.max()) <= atol + rtol * float(r.abs().max()) for d, r in zip(diffs, reference))
+    agree = sum(int((r.argmax(-1) == m.argmax(-1)).sum()) for r, m in zip(reference, merged))
+    positions = sum(r.shape[0] for r in reference)
+    return {
+        "passed": passed,
+        "max_abs_diff": max(float(d.max()) for d in diffs),
+        "mean_abs_diff": float(torch.cat([d.flatten() for d in diffs]).mean()),
+        "top1_agreement": agree / positions if positions else 1.0,
+    }
+
+
+def merge_run(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    verify_inputs: Optional[list[str]] = None,
+    overwrite: bool = False,
+    device: Optional[str] = None,
+    on_start: Optional[Callable[[], None]] = None,
+) -> MergeReport:
+    """Merge the run's adapter into its base model and save a verified standalone model to out_dir.
+
+    verify_inputs: prompt texts for the logit check (default: a few questions rendered with the
+        run's template). The folder is built beside out_dir and renamed into place only when
+        everything, verification included, succeeded.
+    on_start: called once every check passed, before the base model loads.
+
+    Raises:
+        RunError: not a run with an adapter (e.g. an already merged folder), or out_dir is not
+            empty (without overwrite), or is, is inside or contains the run or its base model folder.
+        ConfigError: dtype is not float32/float16/bfloat16 (4-bit/8-bit merging is refused).
+        ModelError: the base model cannot be loaded or changed since training, or verification failed.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from ..models.identity import check_base_revision, check_base_weights
+    from ..models.loading import load_base_model
+    from ..files import atomic_write_json
+    from ..run_metadata import read_run, write_metadata
+
+    started = time.perf_counter()
+    torch_dtype = _check_dtype(dtype)
+    info = read_run(path)
+    if info.is_merged:
+        raise RunError(f"'{path}' is already a merged model (it has no adapter to merge).",
+                       hint="merge a run folder written by `lorakit train`")
+    out = Path(out_dir)
+    _prepare_out_dir(out, info, overwrite)
+    check_base_weights(info)
+    if on_start is not None:  # every check passed: the slow part begins
+        on_start()
+    notes = []
+    quantization = info.config.model.quantization if info.config is not None else "none"
+    if quantization != "none":
+        notes.append(
+            f"The run trained on a {quantization}-quantized base; merging into k-bit weights would lose quality, "
+            "so the base is loaded unquantized in float32 and the adapter merged into that."
+        )
+    model_config = _model_config(info)
+    tokenizer = _run_tokenizer(info, model_config)
+    prompts = list(verify_inputs) if verify_inputs else verification_prompts(info)
+
+    base = load_base_model(model_config, info.task_type, dtype=torch.float32, device=device)
+    check_base_revision(info, base)
+    peft_model = PeftModel.from_pretrained(base, str(info.adapter_dir))
+    reference = _logits(peft_model, tokenizer, prompts, info.task_type)
+    merged = peft_model.merge_and_unload()
+    del peft_model
+    merged = merged.to(torch_dtype)
+    merged.config.dtype = torch_dtype
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.merging-{uuid.uuid4().hex[:8]}"
+    try:
+        merged.save_pretrained(tmp)
+        del merged, base
+        tokenizer.chat_template = hf_chat_template(info.template, info.system_prompt)
+        tokenizer.save_pretrained(tmp)
+        write_metadata(
+            tmp, base=dict(info.base), task_type=info.task_type, template=info.template, precision=dtype,
+            system_prompt=info.system_prompt, max_length=info.max_length,
+            extra={"merged_from": {"run": str(info.root.resolve()), "adapter": str(info.adapter_dir.resolve()),
+                                   "dtype": dtype, "base_quantization_in_training": quantization}},
+        )
+        if info.paths.config.is_file():  # lets `lorakit eval` find the run's data splits
+            shutil.copyfile(info.paths.config, tmp / "config.yaml")
+
+        # verify what was written, loaded back the way users will load it
+        auto = AutoModelForSeq2SeqLM if info.task_type == "seq2seq" else AutoModelForCausalLM
+        reloaded = auto.from_pretrained(str(tmp), dtype=torch_dtype)
+        if device is not None:
+            reloaded = reloaded.to(device)
+        atol, rtol = TOLERANCES[dtype]
+        result = compare_logits(reference, _logits(reloaded, tokenizer, prompts, info.task_type), atol, rtol)
+        del reloaded
+        floor = None
+        if dtype != "float32":
+            # what the precision alone costs: base + adapter, unmerged, run in the same dtype
+            unmerged = PeftModel.from_pretrained(
+                load_base_model(model_config, info.task_type, dtype=torch_dtype, device=device), str(info.adapter_dir))
+            floor = compare_logits(reference, _logits(unmerged, tokenizer, prompts, info.task_type), atol, rtol)
+            del unmerged
+            floor = floor["max_abs_diff"]
+            result["passed"] = result["passed"] or result["max_abs_diff"] <= FLOOR_FACTOR * floor + atol
+        report = MergeReport(
+            out_dir=str(out), dtype=dtype, atol=atol, rtol=rtol, inputs=len(prompts), notes=notes,
+            seconds=round(time.perf_counter() - started, 2), dtype_noise_floor=floor, **result,
+        )
+        atomic_write_json(tmp / VERIFICATION_FILE, {**report.to_dict(), "prompts": prompts})
+        if not report.passed:
+            raise ModelError(
+                f"merge verification failed: the merged {dtype} model's logits differ from base + adapter by up to "
+                f"{report.max_abs_diff:.3g} (tolerance atol {atol:g}, rtol {rtol:g}); nothing was written to '{out}'.",
+                hint="merge with --dtype float32; if that fails too, the adapter does not match this base model",
+            )
+        _publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an old one is moved aside first and removed after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

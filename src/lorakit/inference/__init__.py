@@ -1,0 +1,1 @@
+"""Inference: the Predictor (a run's stored template, always) and batched / streaming decoding."""

@@ -1,0 +1,334 @@
+"""Batched generation that stops when it should, and answer extraction from what it produced.
+
+Causal models are fed left-padded batches (so every row's next token sits in the last column),
+sorted by length to waste little compute on padding. A row is finished by EOS or by one of the
+template's stop strings; the batch ends when every row is finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Literal, Sequence
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+
+@dataclass
+class Generation:
+    """One completion: `text` is what a user sees (cut at the stop string, specials removed)."""
+
+    text: str
+    raw_text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+# --- encoding prompts ---------------------------------------------------------------------------
+
+
+def encode_prompt(tokenizer, prompt: str, task_type: str = "causal") -> list[int]:
+    """Token ids of an already-rendered prompt, the way training encoded prompts.
+
+    Causal: the rendered template carries its own special tokens, so only the BOS the tokenizer
+    would add itself is prepended (as tokenize.py does). Seq2seq encoders get the tokenizer's own
+    special tokens (T5 appends </s>), as in training.
+    """
+    if task_type == "seq2seq":
+        return list(tokenizer(prompt)["input_ids"])
+    from ..prompting.encoding import _bos_prefix
+
+    return _bos_prefix(tokenizer, prompt) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def _as_ids(tokenizer, prompt: str | list[int], task_type: str) -> list[int]:
+    """Prompts come as rendered text, or as ids already built the training way (multi-turn)."""
+    return list(prompt) if not isinstance(prompt, str) else encode_prompt(tokenizer, prompt, task_type)
+
+
+def _pad_id(tokenizer, model) -> int:
+    for candidate in (tokenizer.pad_token_id, getattr(model.generation_config, "pad_token_id", None), tokenizer.eos_token_id):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def _eos_ids(tokenizer, model) -> set[int]:
+    ids = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _batch_tensors(rows: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad id lists into (input_ids, attention_mask) without touching the tokenizer's settings."""
+    width = max(len(r) for r in rows)
+    ids, mask = [], []
+    for row in rows:
+        fill = width - len(row)
+        if left:
+            ids.append([pad_id] * fill + row)
+            mask.append([0] * fill + [1] * len(row))
+        else:
+            ids.append(row + [pad_id] * fill)
+            mask.append([1] * len(row) + [0] * fill)
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+# --- stopping ------------------------------------------------------------------------------------
+
+
+class StopOnStrings(StoppingCriteria):
+    """Marks a row finished once its newly generated text contains one of the stop strings.
+
+    Only the tail of each row's generated tokens is decoded (enough tokens to spell the longest
+    stop string), so the cost per step stays small whatever the length generated so far.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_width: int):
+        self.tokenizer = tokenizer
+        self.stop_strings = [s for s in stop_strings if s]
+        self.prompt_width = prompt_width
+        self.stopped_at: dict[int, int] = {}  # row -> generated length when its stop string appeared
+        # a token spells at least one byte, so this many tokens always cover the longest string
+        self.window = max((len(s.encode("utf-8")) for s in self.stop_strings), default=0) + 1
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        generated = input_ids[:, self.prompt_width :]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if not self.stop_strings or generated.shape[1] == 0:
+            return done
+        tails = self.tokenizer.batch_decode(generated[:, -self.window :], skip_special_tokens=False)
+        for row, tail in enumerate(tails):
+            if row in self.stopped_at:
+                done[row] = True
+            elif any(s in tail for s in self.stop_strings):
+                self.stopped_at[row] = generated.shape[1]
+                done[row] = True
+        return done
+
+
+class _Cancelled(StoppingCriteria):
+    """Ends a streamed generation when its reader has gone away."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _RowsCancelled(StoppingCriteria):
+    """Ends the rows whose caller has gone: cancelled(prompt index) is asked between decoding steps."""
+
+    def __init__(self, cancelled: Callable[[int], bool], indices: Sequence[int]):
+        self.cancelled = cancelled
+        self.indices = list(indices)  # batch row -> index in the caller's prompt list
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.tensor([bool(self.cancelled(i)) for i in self.indices], dtype=torch.bool, device=input_ids.device)
+
+
+def _generation_config(model, *, max_new_tokens, temperature, top_p, pad_id, eos_ids):
+    config = copy.deepcopy(model.generation_config)
+    config.max_new_tokens = max_new_tokens
+    config.max_length = None
+    config.min_new_tokens = None
+    config.num_beams = 1
+    config.use_cache = True
+    config.pad_token_id = pad_id
+    config.eos_token_id = sorted(eos_ids) if eos_ids else None
+    config.do_sample = temperature > 0
+    if config.do_sample:
+        config.temperature = float(temperature)
+        config.top_p = float(top_p)
+        config.top_k = None  # OpenAI-style decoding: temperature and top_p only
+    else:
+        config.temperature = None
+        config.top_p = None
+        config.top_k = None
+    return config
+
+
+def _first_stop(text: str, stop_strings: Iterable[str]) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    found = [text.find(s) for s in stop_strings if s and s in text]
+    return min(found) if found else -1
+
+
+def _finish(tokenizer, row: list[int], *, prompt_tokens, eos_ids, stopped_at, stop_strings, max_new_tokens) -> Generation:
+    """Turn one row of generated ids into a Generation, deciding why it ended.
+
+    stopped_at: how many tokens the row had when a stop string appeared (None if it never did);
+    after that, and after EOS, the row holds only padding while the rest of the batch continues.
+    """
+    end = next((i + 1 for i, token in enumerate(row) if token in eos_ids), None)
+    if stopped_at is not None and (end is None or stopped_at < end):
+        end = stopped_at
+    finished = end is not None
+    row = row[:end] if finished else row
+    raw_text = tokenizer.decode(row, skip_special_tokens=False)
+    text = tokenizer.decode([t for t in row if t not in eos_ids], skip_special_tokens=True)
+    cut = _first_stop(text, stop_strings)
+    if cut >= 0:
+        text = text[:cut]
+    reason = "stop" if finished or cut >= 0 or len(row) < max_new_tokens else "length"
+    return Generation(text, raw_text, prompt_tokens, len(row), reason)
+
+
+def _decoding_setup(model, tokenizer, *, max_new_tokens, temperature, top_p, seed):
+    """What every generation needs first: seeded RNG, device, pad and EOS ids, generation config."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    pad_id, eos_ids = _pad_id(tokenizer, model), _eos_ids(tokenizer, model)
+    config = _generation_config(
+        model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, pad_id=pad_id, eos_ids=eos_ids
+    )
+    return device, pad_id, eos_ids, config
+
+
+# --- public API ----------------------------------------------------------------------------------
+
+
+def generate_batched(
+    model,
+    tokenizer,
+    prompts: Sequence[str | list[int]],
+    *,
+    task_type: str = "causal",
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    stop_strings: Sequence[str] = (),
+    seed: int | None = None,
+    cancelled: Callable[[int], bool] | None = None,
+) -> list[Generation]:
+    """Generate one completion per prompt, in batches, returned in the prompts' order.
+
+    Greedy when temperature == 0. A prompt is already-rendered template text, or its token ids.
+    stop_strings end a row (the template's, plus any the caller adds); EOS always does.
+    cancelled(i), asked between decoding steps, ends prompt i's row early (its caller has gone).
+    """
+    if not prompts:
+        return []
+    device, pad_id, eos_ids, config = _decoding_setup(
+        model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )
+    encoded = [_as_ids(tokenizer, p, task_type) for p in prompts]
+    # longest first: similar lengths share a batch, and an out-of-memory shows up at once
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), max(1, batch_size)):
+                chunk = order[start : start + batch_size]
+                rows = [encoded[i] for i in chunk]
+                input_ids, mask = _batch_tensors(rows, pad_id, left=task_type != "seq2seq", device=device)
+                width = 1 if task_type == "seq2seq" else input_ids.shape[1]
+                stopper = StopOnStrings(tokenizer, stop_strings, width)
+                criteria = StoppingCriteriaList([stopper] if stopper.stop_strings else [])
+                if cancelled is not None:
+                    criteria.append(_RowsCancelled(cancelled, chunk))
+                output = model.generate(
+                    input_ids=input_ids, attention_mask=mask, generation_config=config, stopping_criteria=criteria
+                )
+                # causal output repeats the prompt; seq2seq output starts with the decoder start token
+                new = output[:, input_ids.shape[1] :] if task_type != "seq2seq" else output[:, 1:]
+                for j, index in enumerate(chunk):
+                    results[index] = _finish(
+                        tokenizer,
+                        new[j].tolist(),
+                        prompt_tokens=len(rows[j]),
+                        eos_ids=eos_ids,
+                        stopped_at=stopper.stopped_at.get(j),
+                        stop_strings=stop_strings,
+                        max_new_tokens=max_new_tokens,
+                    )
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: str | list[int],
+    *,
+    task_type: str = "causal",
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_strings: Sequence[str] = (),
+    seed: int | None = None,
+    stopping_criteria: Sequence[StoppingCriteria] = (),
+) -> Iterator[str]:
+    """Yield text pieces as the model produces them; nothing at or after a stop string.
+
+    stopping_criteria: extra criteria, called once per generated token (e.g. a caller's counter).
+    """
+    device, pad_id, eos_ids, config = _decoding_setup(
+        model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )
+    ids = _as_ids(tokenizer, prompt, task_type)
+    input_ids, mask = _batch_tensors([ids], pad_id, left=True, device=device)
+    criteria = StoppingCriteriaList()
+    if stop_strings:
+        criteria.append(StopOnStrings(tokenizer, stop_strings, 1 if task_type == "seq2seq" else input_ids.shape[1]))
+    criteria.extend(stopping_criteria)
+    cancel = threading.Event()
+    criteria.append(_Cancelled(cancel))
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    failure: list[BaseException] = []
+
+    def work():
+        try:
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    generation_config=config,
+                    stopping_criteria=criteria,
+                    streamer=streamer,
+                )
+        except BaseException as exc:  # surfaced in the caller's thread below
+            failure.append(exc)
+            streamer.end()
+
+    model.eval()
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    # hold back a tail that could be the start of a stop string until we know it is not one
+    hold = max((len(s) for s in stop_strings if s), default=1) - 1
+    pending, ended = "", False
+    try:
+        for piece in streamer:
+            pending += piece
+            cut = _first_stop(pending, stop_strings)
+            if cut >= 0:
+                pending = pending[:cut]
+                break
+            if len(pending) > hold:
+                ready, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
+                yield ready
+        else:
+            ended = True
+        if pending:
+            yield pending
+    finally:
+        if not ended:  # the caller stopped early or a stop string appeared: end the worker soon
+            cancel.set()
+            for _ in streamer:
+                pass
+        thread.join()
+    if failure:
+        raise failure[0]

@@ -1,0 +1,326 @@
+"""Use a trained run: load it with its own template, then generate, stream or chat.
+
+Everything comes from the folder (base model, template, system prompt, task type), read from
+lorakit.json: the template a run was trained with is the one it is prompted with, always.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+from ..errors import ModelError, RunError
+from .decoding import Generation, encode_prompt, generate_batched, stream_generate
+from ..runs import METADATA_FILE, RunPaths
+
+_POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def _max_context(model, tokenizer, max_length: Optional[int]) -> int:
+    """The longest prompt + completion the model can take: its positions, else the tokenizer's limit."""
+    config = getattr(model, "config", None)
+    for attr in _POSITION_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:  # "no limit" is stored as a huge number
+        return limit
+    return max_length or 2048
+
+
+class Predictor:
+    """A model, its tokenizer and the template it was trained with, ready to answer.
+
+    adapter_name: activated before each generation, so several adapters can share one base model.
+    max_length: the run's training max_length; a prompt with a context is shortened to fit it.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        template,
+        *,
+        task_type: str,
+        name: str,
+        system_prompt: Optional[str] = None,
+        adapter_name: Optional[str] = None,
+        max_length: Optional[int] = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.task_type = task_type
+        self.name = name
+        self.system_prompt = system_prompt
+        self.adapter_name = adapter_name
+        self.max_length = max_length
+        self.max_context = _max_context(model, tokenizer, max_length)
+
+    # --- prompts ------------------------------------------------------------------------------
+
+    def prompt_for(self, messages: list[dict], context: Optional[str] = None) -> str:
+        """The rendered prompt text for a conversation (ending where the reply begins)."""
+        from ..prompting.templates import render_prompt
+
+        return render_prompt(self.template, messages, context, self.system_prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return len(encode_prompt(self.tokenizer, text, self.task_type))
+
+    def prompt_ids(self, messages: list[dict], context: Optional[str] = None, *, max_new_tokens: int = 0) -> list[int]:
+        """Prompt ids built exactly as training built them; a context that makes the prompt too
+        long is cut (keeping its start, as nothing may peek at the answer here).
+
+        Raises:
+            ModelError: the prompt does not fit even without its context.
+        """
+        from ..prompting.encoding import encode_prompt as encode_conversation
+
+        def build(text: Optional[str]) -> list[int]:
+            return encode_conversation(self.template, self.tokenizer, messages, text, self.system_prompt)
+
+        budget = self.max_context - max_new_tokens
+        if self.max_length:
+            budget = min(budget, self.max_length)
+        ids = build(context)
+        while len(ids) > budget and context:
+            pieces = self.tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            keep = len(pieces) - (len(ids) - budget)
+            context = context[: pieces[keep - 1][1]] if keep > 0 else None
+            ids = build(context)
+        if len(ids) + max_new_tokens > self.max_context:
+            raise ModelError(
+                f"the prompt has {len(ids)} tokens and {max_new_tokens} new ones were asked for, but"
+                f" '{self.name}' takes at most {self.max_context} tokens.",
+                hint="shorten the conversation (or /reset in chat), or lower max_new_tokens",
+            )
+        return ids
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def _activate(self) -> None:
+        if self.adapter_name and getattr(self.model, "active_adapter", None) != self.adapter_name:
+            self.model.set_adapter(self.adapter_name)
+
+    def _stops(self, extra: Optional[Sequence[str]]) -> list[str]:
+        return list(dict.fromkeys([*self.template.stop_strings, *(extra or [])]))
+
+    def generate_prompts(
+        self,
+        prompts: Sequence[str | list[int]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        batch_size: int = 16,
+        stop_strings: Optional[Sequence[str]] = None,
+        seed: Optional[int] = None,
+        cancelled: Optional[Callable[[int], bool]] = None,
+    ) -> list[Generation]:
+        """Complete raw prompts (text, or ids), stopping at the template's stop strings too.
+        cancelled(i) True ends prompt i early (see generate_batched)."""
+        self._activate()
+        return generate_batched(
+            self.model,
+            self.tokenizer,
+            list(prompts),
+            task_type=self.task_type,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            batch_size=batch_size,
+            stop_strings=self._stops(stop_strings),
+            seed=seed,
+            cancelled=cancelled,
+        )
+
+    def generate(
+        self,
+        conversations: list[list[dict]],
+        contexts: Optional[Sequence[Optional[str]]] = None,
+        *,
+        max_new_tokens: int = 64,
+        **decoding,
+    ) -> list[Generation]:
+        """One reply per conversation (its prompt messages), rendered with the stored template."""
+        contexts = list(contexts) if contexts is not None else [None] * len(conversations)
+        if len(contexts) != len(conversations):
+            raise ValueError(f"generate: {len(conversations)} conversations but {len(contexts)} contexts")
+        prompts = [self.prompt_ids(m, c, max_new_tokens=max_new_tokens) for m, c in zip(conversations, contexts)]
+        return self.generate_prompts(prompts, max_new_tokens=max_new_tokens, **decoding)
+
+    def stream_prompt(
+        self,
+        prompt: str | list[int],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop_strings: Optional[Sequence[str]] = None,
+        seed: Optional[int] = None,
+        batch_size: Optional[int] = None,  # accepted so the same decoding options work everywhere
+        stopping_criteria: Sequence = (),
+    ) -> Iterator[str]:
+        """Yield the completion of a raw prompt piece by piece."""
+        self._activate()
+        return stream_generate(
+            self.model,
+            self.tokenizer,
+            prompt,
+            task_type=self.task_type,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_strings=self._stops(stop_strings),
+            seed=seed,
+            stopping_criteria=stopping_criteria,
+        )
+
+    def stream(self, messages: list[dict], context: Optional[str] = None, *, max_new_tokens: int = 256, **decoding) -> Iterator[str]:
+        """Yield the reply to a conversation piece by piece."""
+        ids = self.prompt_ids(messages, context, max_new_tokens=max_new_tokens)
+        return self.stream_prompt(ids, max_new_tokens=max_new_tokens, **decoding)
+
+    @property
+    def has_adapter(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.model, PeftModel)
+
+    @contextmanager
+    def base_model(self):
+        """Inside this block the LoRA adapter is off: the same template and decoding, base weights.
+
+        Raises:
+            RunError: there is no adapter to switch off (a merged or plain model folder).
+        """
+        if not self.has_adapter:
+            raise RunError(
+                f"'{self.name}' has no LoRA adapter to switch off (a merged or plain model folder).",
+                hint="evaluate the run folder the adapter came from to compare against the base model",
+            )
+        self._activate()
+        with self.model.disable_adapter():
+            yield self
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def _is_plain_model(folder: Path) -> bool:
+    """A transformers model folder that lorakit did not write (no lorakit.json anywhere)."""
+    return (
+        folder.is_dir()
+        and (folder / "config.json").is_file()
+        and not (folder / METADATA_FILE).is_file()
+        and not RunPaths(folder).lorakit_json.is_file()
+    )
+
+
+def _ensure_pad(tokenizer):
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked, so EOS can double as pad
+    return tokenizer
+
+
+def _load_plain(folder: Path, device: str) -> Predictor:
+    """A model folder without lorakit.json: usable only with its own chat template."""
+    from transformers import AutoTokenizer
+
+    from ..config import ModelConfig, TemplateConfig
+    from ..models.precision import choose_precision
+    from ..models.loading import detect_task_type, load_base_model
+    from ..prompting.templates import resolve_template
+
+    model_config = ModelConfig(name_or_path=str(folder))
+    tokenizer = _ensure_pad(AutoTokenizer.from_pretrained(str(folder)))
+    if not getattr(tokenizer, "chat_template", None):
+        raise RunError(
+            f"'{folder}' is a model folder without {METADATA_FILE}, and its tokenizer has no chat template,"
+            " so the prompt format it expects is unknown.",
+            hint="pass a run folder written by `lorakit train` (or its merged folder), or a chat model whose"
+            " tokenizer has a chat_template",
+        )
+    task_type = detect_task_type(model_config)
+    template = resolve_template(TemplateConfig(name="chat"), tokenizer, task_type)
+    dtype, _ = choose_precision("auto", device)
+    model = load_base_model(model_config, task_type, dtype=dtype, device=device).eval()
+    return Predictor(model, tokenizer, template, task_type=task_type, name=folder.resolve().name)
+
+
+def load_predictor(path: str | os.PathLike, *, device: Optional[str] = None, adapter: bool = True) -> Predictor:
+    """Load a run folder, its adapter folder, or a merged model folder, ready to generate.
+
+    adapter=False loads the base model alone, with the run's template (for a merged folder: the
+    base it was merged from), so the same prompts can be compared without the fine-tuning.
+
+    Raises:
+        RunError: not a lorakit run (see runs.read_run), or a plain model folder without a chat template.
+        ModelError: the base model or tokenizer cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    from ..models.identity import check_base_revision, check_base_weights
+    from ..config import ModelConfig
+    from ..models.precision import choose_precision, default_device
+    from ..models.loading import load_base_model, load_tokenizer
+    from ..run_metadata import read_run
+
+    device = device or default_device()
+    folder = Path(path)
+    if _is_plain_model(folder):
+        return _load_plain(folder, device)
+    info = read_run(folder)
+    config_model = info.config.model if info.config is not None else None
+    merged = info.is_merged and adapter  # the merged weights themselves, not the base they came from
+    if not merged:
+        check_base_weights(info)
+    # a QLoRA run loads its base quantized again where that can run; merged weights are plain
+    quantization = config_model.quantization if config_model is not None and not merged else "none"
+    if quantization != "none" and not device.startswith("cuda"):
+        quantization = "none"
+    model_config = ModelConfig(
+        name_or_path=str(info.root) if merged else info.base["name_or_path"],
+        gguf_file=None if merged else info.base.get("gguf_file"),
+        revision=None if merged else info.base.get("revision"),
+        task_type=info.task_type,
+        quantization=quantization,
+        trust_remote_code=bool(config_model.trust_remote_code) if config_model is not None else False,
+    )
+    # the tokenizer saved beside the adapter is the one training used
+    saved = info.adapter_dir if info.adapter_dir is not None else info.root
+    if (saved / "tokenizer_config.json").is_file():
+        tokenizer = _ensure_pad(AutoTokenizer.from_pretrained(str(saved)))
+    else:
+        tokenizer = load_tokenizer(model_config)
+    dtype, _ = choose_precision("auto", device)
+    model = load_base_model(model_config, info.task_type, dtype=dtype, device=None if quantization != "none" else device)
+    if not merged:
+        check_base_revision(info, model)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if info.adapter_dir is not None and adapter:
+        import warnings
+
+        from peft import PeftModel
+
+        with warnings.catch_warnings():  # peft 0.21 calls an API transformers 5 deprecates; not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, str(info.adapter_dir))
+    model.eval()
+    return Predictor(
+        model,
+        tokenizer,
+        info.template,
+        task_type=info.task_type,
+        name=info.root.resolve().name,
+        system_prompt=info.system_prompt,
+        max_length=info.max_length,
+    )
+
+
+# --- the generate and chat commands -------------------------------------------------------------

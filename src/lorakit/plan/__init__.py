@@ -1,0 +1,1 @@
+"""Planning: model shape, memory and time model, device figures, fitting, measurement."""

@@ -1,0 +1,171 @@
+"""The devices a plan can target: memory and compute throughput, and time per step from FLOPs.
+
+GPUs: usable memory as nvidia-smi reports it and the datasheet's dense bf16/fp16 peak, of which a
+LoRA step sustains a stated share. The CPU: its RAM, and a float32 matmul rate measured on this
+machine by a short micro-benchmark (cached).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from ..errors import ConfigError, ModelError
+from .memory import GIB, TimeEstimate, flops_per_token
+from .shape import ModelShape
+
+GPU_EFFICIENCY = 0.40  # share of the published dense peak a LoRA training step sustains
+QUANT_SLOWDOWN = 0.70  # 4/8-bit weights are dequantized before every matmul
+CPU_EFFICIENCY = 0.50  # share of the measured matmul rate a whole CPU training step sustains
+# Per operator, a training step costs Python module calls, autograd bookkeeping and the dispatch
+# itself: measured at ~6x a bare tensor add on CPU (torch 2.13); on a GPU, ~10 us of launch and
+# Python per operator. Operators per layer and micro-batch (forward + backward, counted with a
+# dispatch mode on transformers' Llama + peft): ~150, plus ~60 per LoRA-wrapped linear layer.
+CPU_OP_FACTOR = 6.0
+GPU_OP_SECONDS = 10e-6
+OPS_PER_LAYER, OPS_PER_ADAPTER, CHECKPOINT_OPS = 150, 60, 1.45
+
+
+@dataclass
+class GpuSpec:
+    name: str
+    memory_bytes: int
+    peak_flops: float  # dense bf16/fp16 tensor-core FLOP/s (CPU: measured float32 matmul rate)
+    bf16: bool
+    label: str
+    op_seconds: float = GPU_OP_SECONDS  # fixed cost per operator in a training step
+
+
+# Usable memory as nvidia-smi reports it; dense (non-sparse) bf16 or fp16 peaks from the datasheets.
+GPUS = {
+    "t4": GpuSpec("t4", int(15.0 * GIB), 65e12, False, "NVIDIA T4 16 GB (fp16 65 TFLOPs)"),
+    "l4": GpuSpec("l4", int(22.5 * GIB), 121e12, True, "NVIDIA L4 24 GB (bf16 121 TFLOPs)"),
+    "a10g": GpuSpec("a10g", int(22.5 * GIB), 70e12, True, "NVIDIA A10G 24 GB (bf16 70 TFLOPs)"),
+    "a100-40g": GpuSpec("a100-40g", int(39.5 * GIB), 312e12, True, "NVIDIA A100 40 GB (bf16 312 TFLOPs)"),
+    "a100-80g": GpuSpec("a100-80g", int(79.2 * GIB), 312e12, True, "NVIDIA A100 80 GB (bf16 312 TFLOPs)"),
+    "h100": GpuSpec("h100", int(79.6 * GIB), 989e12, True, "NVIDIA H100 80 GB SXM (bf16 989 TFLOPs)"),
+}
+DEVICES = ["cpu", *GPUS]
+
+
+def cpu_rates(use_cache: bool = True) -> tuple[float, float]:
+    """(float32 matmul FLOP/s, seconds per training-step operator) of this machine at torch's current
+    thread count: a ~0.4 s micro-benchmark, cached per machine under the lorakit cache folder."""
+    import torch
+
+    from ..files import cache_root
+
+    key = f"{platform.machine()}|{platform.processor()}|{os.cpu_count()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    path = cache_root() / "cpu_rates.json"
+    cached = {}
+    if use_cache and path.is_file():
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            cached = {}
+        if key in cached:
+            return tuple(cached[key])
+    n = 512
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < 0.3:
+        a @ b
+        runs += 1
+    flops = 2 * n**3 * runs / (time.perf_counter() - started)
+    x, y = torch.ones(64), torch.ones(64)
+    started = time.perf_counter()
+    for _ in range(2000):
+        x + y
+    op_seconds = CPU_OP_FACTOR * (time.perf_counter() - started) / 2000
+    if use_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({**cached, key: [flops, op_seconds]}, indent=1), encoding="utf-8")
+        except OSError:
+            pass  # a read-only home only costs re-measuring next time
+    return flops, op_seconds
+
+
+def gpu_spec(gpu: str = "cpu", memory_gb: Optional[float] = None) -> GpuSpec:
+    """The device to plan for; `memory_gb` overrides its memory (e.g. a share of a GPU, or RAM)."""
+    gpu = gpu.lower()
+    if gpu == "cpu":
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        flops, op_seconds = cpu_rates()
+        spec = GpuSpec("cpu", ram, flops, False, f"this CPU ({os.cpu_count()} cores, rates measured)", op_seconds)
+    elif gpu in GPUS:
+        spec = GPUS[gpu]
+    else:
+        raise ConfigError(f"--gpu: unknown device '{gpu}'.", hint=f"use one of: {', '.join(DEVICES)}")
+    if memory_gb is not None:
+        if memory_gb <= 0:
+            raise ConfigError(f"--memory-gb: must be positive (got {memory_gb}).", hint="give the device memory in GiB, e.g. --memory-gb 16")
+        spec = GpuSpec(spec.name, int(memory_gb * GIB), spec.peak_flops, spec.bf16, f"{spec.label}, {memory_gb:g} GiB", spec.op_seconds)
+    return spec
+
+
+def precision_bytes(config, spec: GpuSpec) -> tuple[int, int, str]:
+    """(bytes per frozen weight, bytes per activation, precision name), as modeling.choose_precision
+    would pick them on that device (float16 keeps fp32 weights under autocast)."""
+    requested = config.model.precision
+    if spec.name == "cpu":
+        if requested == "float16":
+            raise ModelError(
+                "model.precision: float16 training needs a CUDA GPU (mixed precision with loss scaling), but the plan is for the CPU.",
+                hint="set model.precision=auto (float32 on CPU), or plan for a GPU with --gpu",
+            )
+        return (2, 2, "bfloat16") if requested == "bfloat16" else (4, 4, "float32")
+    if requested == "float32":
+        return 4, 4, "float32"
+    if requested == "bfloat16" and not spec.bf16:
+        raise ModelError(
+            f"model.precision: bfloat16 was requested but the {spec.name} does not support it.",
+            hint="set model.precision=float16 (or auto, which picks float16 there)",
+        )
+    if requested == "bfloat16" or (requested == "auto" and spec.bf16):
+        return 2, 2, "bfloat16"
+    return 4, 2, "float16"
+
+
+def step_time(shape: ModelShape, spec: GpuSpec, *, n_lora: int, n_adapters: int, tokens: float, seq_len: float,
+              micro_batches: int = 1, gradient_checkpointing: bool = False, quantization: str = "none") -> TimeEstimate:
+    """Seconds per optimizer step: FLOPs per token x tokens / sustained FLOP/s (a stated share of the
+    device's peak), plus a fixed cost per operator for each micro-batch (n_adapters: LoRA-wrapped
+    linear layers per transformer layer)."""
+    per_token, formula = flops_per_token(shape, n_lora, int(seq_len), gradient_checkpointing)
+    if spec.name == "cpu":
+        rate, how = spec.peak_flops * CPU_EFFICIENCY, f"{CPU_EFFICIENCY:.0%} of the measured matmul rate"
+    else:
+        rate, how = spec.peak_flops * GPU_EFFICIENCY, f"{GPU_EFFICIENCY:.0%} of the published peak"
+        if quantization != "none":
+            rate, how = rate * QUANT_SLOWDOWN, how + f" x {QUANT_SLOWDOWN} for dequantization"
+    layers = shape.num_layers + shape.num_decoder_layers
+    ops = layers * (OPS_PER_LAYER + OPS_PER_ADAPTER * n_adapters) * (CHECKPOINT_OPS if gradient_checkpointing else 1)
+    seconds = per_token * tokens / rate + ops * micro_batches * spec.op_seconds
+    return TimeEstimate(per_token, rate, seconds, f"FLOPs/token = {formula}; device at {how}; "
+                        f"+ {ops:.0f} operators per micro-batch at {spec.op_seconds * 1e6:.0f} us each")
+
+
+def detect_device() -> tuple[str, Optional[float]]:
+    """The device training will run on, as a DEVICES name plus its real memory in GB.
+
+    An unlisted GPU maps to the listed one of the same bf16 capability (its memory is what
+    counts for fitting): l4 when it has bf16, t4 otherwise.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu", None
+    name = torch.cuda.get_device_name().lower()
+    memory_gb = torch.cuda.get_device_properties(0).total_memory / GIB
+    for key in ("h100", "a100", "a10g", "l4", "t4"):
+        if key in name:
+            if key == "a100":
+                key = "a100-80g" if memory_gb > 45 else "a100-40g"
+            return key, memory_gb
+    return ("l4" if torch.cuda.is_bf16_supported() else "t4"), memory_gb

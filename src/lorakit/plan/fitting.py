@@ -1,0 +1,164 @@
+"""Fitting a config to a device: the largest micro-batch that fits, and the OOM back-off around a run."""
+
+from __future__ import annotations
+
+import logging
+
+import gc
+from typing import Callable, Optional
+from ..config import LorakitConfig
+from .devices import gpu_spec
+from ..errors import ModelError
+from .memory import (
+    fmt_bytes,
+)
+from .shape import ModelShape, read_model_shape
+from .estimate import DataLengths, _task_type, data_lengths, estimate_memory
+
+logger = logging.getLogger("lorakit.plan")
+
+
+def _fits(config, shape, spec, lengths, max_length: Optional[int] = None) -> bool:
+    limit = max_length or config.template.max_length
+    seq = min(max(lengths.lengths), limit) if lengths.lengths else limit
+    target = min(max(lengths.target_lengths), limit) if lengths.target_lengths else None
+    return estimate_memory(config, shape, spec, seq, target).total <= spec.memory_bytes
+
+
+def _largest_micro_batch(config, shape, spec, lengths) -> Optional[int]:
+    """The largest divisor of the effective batch that fits, so the effective batch stays exact."""
+    effective = config.train.micro_batch_size * config.train.gradient_accumulation
+    for micro in sorted((d for d in range(1, effective + 1) if effective % d == 0), reverse=True):
+        config.train.micro_batch_size, config.train.gradient_accumulation = micro, effective // micro
+        if _fits(config, shape, spec, lengths):
+            return micro
+    return None
+
+
+def fit_config(config: LorakitConfig, gpu: str = "cpu", memory_gb: Optional[float] = None, *,
+               shape: Optional[ModelShape] = None, lengths: Optional[DataLengths] = None) -> tuple[LorakitConfig, list[str]]:
+    """A copy of `config` that fits `gpu`, and each choice made with its reason.
+
+    In order: the largest micro-batch that fits (gradient accumulation keeps the effective batch);
+    then gradient checkpointing; then 4-bit quantization (GPUs only); then a shorter max_length,
+    never below the length that keeps every answer whole. If nothing fits the last choice says so.
+    """
+    spec = gpu_spec(gpu, memory_gb)
+    shape = shape or read_model_shape(config.model)
+    lengths = lengths or data_lengths(config, _task_type(config, shape))
+    new = config.model_copy(deep=True)
+    asked = (config.train.micro_batch_size, config.train.gradient_accumulation)
+    effective = asked[0] * asked[1]
+    choices: list[str] = []
+    budget = f"{fmt_bytes(spec.memory_bytes)} on {spec.name}"
+
+    def batch_choice(why: str) -> bool:
+        micro = _largest_micro_batch(new, shape, spec, lengths)
+        if micro is None:
+            new.train.micro_batch_size, new.train.gradient_accumulation = 1, effective
+            return False
+        if (micro, effective // micro) != asked:
+            choices.append(
+                f"train.micro_batch_size={micro}, train.gradient_accumulation={effective // micro}: the largest "
+                f"micro-batch that fits {budget}{why}; the effective batch stays {effective}"
+            )
+        return True
+
+    if batch_choice(""):
+        if not choices:
+            choices.append(f"no change: micro-batch {asked[0]} already fits {budget}")
+        return new, choices
+    def need() -> str:  # what micro-batch 1 needs as things stand
+        seq = min(max(lengths.lengths), new.template.max_length) if lengths.lengths else new.template.max_length
+        return fmt_bytes(estimate_memory(new, shape, spec, seq).total)
+
+    if not new.train.gradient_checkpointing:
+        choices.append(
+            f"train.gradient_checkpointing=true: even micro-batch 1 needs {need()}; checkpointing keeps only "
+            "each layer's input and recomputes the rest in backward (about a third more compute)"
+        )
+        new.train.gradient_checkpointing = True
+        if batch_choice(" with checkpointing"):
+            return new, choices
+    if spec.name != "cpu" and new.model.quantization != "4bit":
+        choices.append(
+            f"model.quantization=4bit: micro-batch 1 with checkpointing still needs {need()}; NF4 with double "
+            "quantization (QLoRA) stores the linear weights in about 4.1 bits each"
+        )
+        new.model.quantization = "4bit"
+        if batch_choice(" with 4-bit weights"):
+            return new, choices
+    if lengths.lengths:
+        low, high = lengths.safe_min, min(max(lengths.lengths), new.template.max_length) - 1
+        best = None
+        while low <= high:  # memory grows with length: binary search the longest that fits
+            mid = (low + high) // 2
+            if _fits(new, shape, spec, lengths, mid):
+                best, low = mid, mid + 1
+            else:
+                high = mid - 1
+        if best is not None:
+            new.template.max_length = best
+            cut = sum(1 for n in lengths.lengths if n > best)
+            choices.append(
+                f"template.max_length={best}: the longest that fits at micro-batch 1; {cut} example(s) get their context "
+                f"shortened, no answer is cut (the longest question + answer needs {lengths.safe_min} tokens)"
+            )
+            return new, choices
+    shortest = (
+        f" and the shortest max_length that cuts no answer ({lengths.safe_min}) needs "
+        f"{fmt_bytes(estimate_memory(new, shape, spec, lengths.safe_min).total)}"
+        if lengths.lengths else " needs more (without the tokenizer max_length cannot be shortened safely)"
+    )
+    choices.append(
+        f"nothing fits {budget}: even micro-batch 1 with checkpointing"
+        + (" and 4-bit weights" if spec.name != "cpu" else "") + shortest + "; use a smaller model or a bigger device"
+    )
+    return new, choices
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(oom, type) and isinstance(exc, oom)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def run_with_oom_backoff(run_fn: Callable[[LorakitConfig], object], config: LorakitConfig,
+                         log: Callable[[str], None] = logger.warning):
+    """Call run_fn(config); on an out-of-memory error, halve the micro-batch (doubling the gradient
+    accumulation, so the effective batch is unchanged) and call it again, down to micro-batch 1.
+
+    Meant to wrap the first steps of training: a retry restarts run_fn from scratch.
+    Raises:
+        ModelError: out of memory even at micro-batch 1 (with what to change).
+    """
+    import torch
+
+    current = config
+    while True:
+        try:
+            return run_fn(current)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled
+            if not is_out_of_memory(exc):
+                raise
+            micro, accum = current.train.micro_batch_size, current.train.gradient_accumulation
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if micro == 1:
+                raise ModelError(
+                    "out of memory even at train.micro_batch_size=1.",
+                    hint="set train.gradient_checkpointing=true, model.quantization=4bit, or a smaller template.max_length; "
+                    "`lorakit plan --fit` shows what fits",
+                ) from exc
+            effective = micro * accum
+            smaller = max(d for d in range(1, micro // 2 + 1) if effective % d == 0)
+            current = current.model_copy(deep=True)
+            current.train.micro_batch_size, current.train.gradient_accumulation = smaller, effective // smaller
+            log(
+                f"out of memory at micro-batch {micro}: retrying with train.micro_batch_size={smaller}, "
+                f"train.gradient_accumulation={effective // smaller} (effective batch {effective} unchanged)"
+            )

@@ -1,0 +1,124 @@
+"""Measuring what a LoRA training step really holds: the peak of live tensor bytes.
+
+On the CPU there is no allocator statistic like `torch.cuda.max_memory_allocated`, and RSS mixes
+tensors with code, caches and allocator slack. `TensorMemoryTracker` counts exactly the tensor
+storage alive at each moment, which is the quantity `lorakit.memory` predicts (and what a CUDA
+allocator reports), so prediction and measurement compare like with like.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+
+class TensorMemoryTracker:
+    """A dispatch mode that tracks live tensor storage bytes and their peak, on any device.
+
+    Every tensor an operation returns is counted once per storage (views share it); a weakref
+    callback subtracts the storage when it is freed. `track()` adds tensors that existed before
+    (the model's weights). Deterministic, and the same quantity a GPU allocator counts.
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker.track(out)
+                return out
+
+        self._mode = _Mode()
+        self._storages = WeakIdKeyDictionary()
+        self.current = 0
+        self.peak = 0
+
+    def track(self, obj) -> None:
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten(obj)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            if storage in self._storages:
+                continue
+            nbytes = storage.nbytes()
+            self._storages[storage] = weakref.ref(storage, lambda _ref, n=nbytes: self._freed(n))
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+
+    def _freed(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+@dataclass
+class StepMeasurement:
+    peak_bytes: int  # peak live tensor bytes over the measured steps (weights included)
+    seconds_per_step: float  # wall time of an untracked step, after a warm-up step
+
+
+def measure_lora_step(
+    hf_config,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    lora_r: int = 16,
+    lora_dropout: float = 0.05,
+    target_modules="auto",
+    gradient_checkpointing: bool = False,
+    attn: str = "sdpa",
+    steps: int = 2,
+    timed_steps: int = 1,
+    dtype=None,
+) -> StepMeasurement:
+    """Run real LoRA training steps on a random-init causal LM built from `hf_config` (on the CPU, in
+    `dtype`, default float32) the way the Trainer does (loss only is kept, then backward, AdamW step, zero grads) and measure
+    the peak tensor memory and the time per step. No weights are downloaded."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..config import LoraConfig
+    from ..models.lora import apply_lora
+
+    hf_config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32)
+    lora = LoraConfig(r=lora_r, alpha=2 * lora_r, dropout=lora_dropout, target_modules=target_modules)
+    model = apply_lora(model, lora, "causal", gradient_checkpointing=gradient_checkpointing)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, hf_config.vocab_size, (micro_batch, seq_len))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def step():
+        loss = model(**batch).loss  # the output (logits) is dropped before backward, as in Trainer
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    tracker = TensorMemoryTracker()
+    tracker.track([list(model.parameters()), list(model.buffers()), batch])
+    with tracker:
+        for _ in range(steps):
+            step()
+    started = time.perf_counter()
+    for _ in range(timed_steps):
+        step()
+    seconds = (time.perf_counter() - started) / timed_steps if timed_steps else float("nan")
+    return StepMeasurement(peak_bytes=tracker.peak, seconds_per_step=seconds)

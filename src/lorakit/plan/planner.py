@@ -1,0 +1,105 @@
+"""`lorakit plan`: know before you run. Peak memory by part, time per step and for the run, whether
+it fits the device, and (with --fit) the micro-batch / checkpointing / 4-bit / max-length changes
+that make it fit. Nothing here loads model weights: the shape comes from config.json or a GGUF
+header (`shape.read_model_shape`), sequence lengths from tokenizing the real training data.
+
+Memory is the peak of live tensor bytes (what `torch.cuda.max_memory_allocated` reports) plus a
+stated overhead; see `lorakit.memory` for what is counted and how it was checked.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..config import LorakitConfig
+from .devices import GpuSpec, gpu_spec, precision_bytes
+from .memory import (
+    MemoryEstimate,
+    TimeEstimate,
+)
+from .shape import ModelShape, read_model_shape
+from .estimate import DataLengths, _padded_mean, _task_type, data_lengths, estimate_memory, estimate_time
+from .fitting import fit_config
+
+logger = logging.getLogger("lorakit.plan")
+
+# --- the data's real lengths -------------------------------------------------------------------
+
+
+# --- the plan ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    config: LorakitConfig
+    shape: ModelShape
+    device: GpuSpec
+    precision: str
+    seq_len: int  # the longest batch's padded length: what peak memory depends on
+    target_len: Optional[int]
+    memory: MemoryEstimate
+    time: TimeEstimate
+    steps: int
+    tokens_per_epoch: int
+    epochs: float
+    n_train: int
+    notes: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.device.memory_bytes
+
+    @property
+    def total_seconds(self) -> float:
+        return self.steps * self.time.seconds_per_step
+
+
+def plan_run(config: LorakitConfig, gpu: str = "cpu", memory_gb: Optional[float] = None, *,
+             shape: Optional[ModelShape] = None, lengths: Optional[DataLengths] = None, advise: bool = True) -> Plan:
+    """Predict memory and time for training `config` on `gpu`, without loading any weights.
+
+    Raises:
+        ModelError: the model cannot be read, or the precision/quantization cannot run on `gpu`.
+        DataError, TemplateError: the training data cannot be loaded or rendered.
+    """
+    spec = gpu_spec(gpu, memory_gb)
+    shape = shape or read_model_shape(config.model)
+    task_type = _task_type(config, shape)
+    lengths = lengths or data_lengths(config, task_type)
+    max_length = config.template.max_length
+    notes = [lengths.note]
+    if lengths.lengths:
+        seq = min(max(lengths.lengths), max_length)
+        target = min(max(lengths.target_lengths), max_length) if lengths.target_lengths else None
+        mean = _padded_mean(lengths.lengths, config.train.micro_batch_size, config.train.group_by_length, config.train.seed)
+        tokens = sum(lengths.lengths)
+    else:
+        seq, target, mean, tokens = max_length, (max_length if task_type == "seq2seq" else None), max_length, max_length * lengths.n_train
+    memory = estimate_memory(config, shape, spec, seq, target)
+    time_est = estimate_time(config, shape, spec, mean + (sum(lengths.target_lengths) / len(lengths.target_lengths) if lengths.target_lengths else 0))
+    per_step = config.train.micro_batch_size * config.train.gradient_accumulation
+    steps_per_epoch = max(1, -(-lengths.n_train // per_step))
+    if config.train.max_steps > 0:
+        steps, epochs = config.train.max_steps, config.train.max_steps / steps_per_epoch
+    else:
+        steps, epochs = int(-(-config.train.epochs * steps_per_epoch // 1)), config.train.epochs
+    _, _, precision = precision_bytes(config, spec)
+    if spec.name == "cpu" and precision == "bfloat16":
+        notes.append("bfloat16 on a CPU usually runs far below the float32 rate the time assumes; auto picks float32")
+    plan = Plan(config, shape, spec, precision, seq, target, memory, time_est, steps, tokens, epochs, lengths.n_train, notes + memory.notes)
+    if advise and not plan.fits:
+        fitted, choices = fit_config(config, gpu, memory_gb, shape=shape, lengths=lengths)
+        plan.advice = choices + ["run `lorakit plan --fit` to see the fitted plan, or set train.auto_fit: true"]
+    return plan
+
+
+# --- fitting ----------------------------------------------------------------------------------
+
+
+# --- out of memory at run time ------------------------------------------------------------------
+
+
+# --- showing it -----------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Prompting: templates (a conversation -> text), encoding (-> ids + labels), collation."""

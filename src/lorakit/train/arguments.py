@@ -1,0 +1,95 @@
+"""The Hugging Face `TrainingArguments` of a run: evaluation, logging and saving intervals, names checked."""
+
+from __future__ import annotations
+
+import torch
+from ..config import LorakitConfig
+from ..errors import ConfigError
+from ..runs import RunPaths
+
+
+def _intervals(config: LorakitConfig, has_eval: bool) -> dict:
+    """Evaluation and checkpoint schedule. Picking the best checkpoint needs both on the same
+    schedule, with checkpoints at evaluated steps."""
+    tc = config.train
+    # generation metrics are computed at evaluations, so they set the evaluation interval
+    eval_every, save_every = tc.generation_eval_every or tc.eval_every, tc.save_every
+    load_best = has_eval and bool(tc.best_metric)
+    if load_best:
+        if eval_every and not save_every:
+            save_every = eval_every
+        elif save_every and not eval_every:
+            eval_every = save_every
+        # save_every is a multiple of eval_every: config.TrainConfig checks it at load
+    out = {
+        "save_strategy": "steps" if save_every else "epoch",
+        "eval_strategy": ("steps" if eval_every else "epoch") if has_eval else "no",
+        "load_best_model_at_end": load_best,
+    }
+    if save_every:
+        out["save_steps"] = save_every
+    if has_eval and eval_every:
+        out["eval_steps"] = eval_every
+    if load_best:
+        metric = tc.best_metric if tc.best_metric.startswith("eval_") else f"eval_{tc.best_metric}"
+        out["metric_for_best_model"] = metric
+        out["greater_is_better"] = "loss" not in metric
+    return out
+
+
+def build_training_args(config: LorakitConfig, paths: RunPaths, precision: str, device: str, *, has_eval: bool):
+    """TrainingArguments from the train section (transformers 5.x names)."""
+    from transformers import TrainingArguments
+
+    tc = config.train
+    _check_names(tc)
+    cuda = device == "cuda"
+    return TrainingArguments(
+        output_dir=str(paths.checkpoints),
+        num_train_epochs=tc.epochs,
+        max_steps=tc.max_steps,
+        per_device_train_batch_size=tc.micro_batch_size,
+        per_device_eval_batch_size=tc.micro_batch_size,
+        gradient_accumulation_steps=tc.gradient_accumulation,
+        learning_rate=tc.learning_rate,
+        lr_scheduler_type=tc.lr_scheduler,
+        warmup_steps=tc.warmup_ratio,  # a value below 1 is a fraction of the total steps
+        weight_decay=tc.weight_decay,
+        optim=tc.optimizer,
+        max_grad_norm=tc.max_grad_norm,
+        seed=tc.seed,
+        data_seed=tc.seed,
+        logging_strategy="steps",
+        logging_steps=tc.logging_steps,
+        save_total_limit=None,  # CheckpointCompletionCallback rotates, after marking the new one complete
+        **_intervals(config, has_eval),
+        train_sampling_strategy="group_by_length" if tc.group_by_length else "random",
+        report_to=list(tc.report_to) or "none",
+        bf16=precision == "bfloat16",
+        fp16=precision == "float16",
+        use_cpu=device == "cpu",
+        remove_unused_columns=False,  # features are already exactly the model inputs
+        ddp_find_unused_parameters=False,  # LoRA uses every trainable parameter in each step
+        label_names=["labels"],  # peft wrappers hide the signature the Trainer inspects
+        prediction_loss_only=True,  # eval needs the loss only; never keep vocab-sized logits
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        disable_tqdm=True,
+        run_name=paths.root.name,
+    )
+
+
+def _check_names(tc) -> None:
+    """Optimizer and scheduler names are checked at config load; what the device must offer is
+    checked here."""
+    if "8bit" in tc.optimizer or "bnb" in tc.optimizer or tc.optimizer.startswith("paged"):
+        # bitsandbytes optimizers: fail in setup with the fix, not in the Trainer with a traceback
+        from ..errors import require
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.optimizer={tc.optimizer} is a bitsandbytes optimizer, which needs a CUDA GPU.",
+                hint="use train.optimizer=adamw_torch on the CPU",
+            )
+        require("bitsandbytes", "quant", f"train.optimizer={tc.optimizer}")

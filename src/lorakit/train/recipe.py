@@ -1,0 +1,367 @@
+"""train(config) -> RunPaths: data -> template -> features -> LoRA model -> HF Trainer -> run folder.
+
+The recipe reads as setup, train, save. The run folder (runs.py) is written so that everything
+after training needs only it: adapter + tokenizer + lorakit.json, the resolved config, the
+per-step metrics and the loss curve.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from typing import Callable, Optional
+
+import torch
+import yaml
+from rich.console import Console
+
+from .callbacks import (
+    CheckpointCompletionCallback,
+    InterruptCallback,
+    MetricsFileCallback,
+    NonFiniteGuard,
+    NonFiniteTraining,
+    RichProgressCallback,
+    truncate_metrics,
+)
+from ..runs import read_metrics
+from ..config import LorakitConfig
+from .generation_eval import GenerationEvalTrainer
+from ..errors import DataError, RunError
+from ..runs import RunPaths, prepare_run_dir, publish_run, run_dir_for
+from ..files import atomic_write_text
+from ..run_metadata import config_changes, read_config_history, record_config_change, write_metadata
+from .arguments import build_training_args
+
+console = Console(stderr=True)
+
+
+class TrainingInterrupted(RunError):
+    """Ctrl-C (exit 130) or SIGTERM (exit 143) stopped training after saving a checkpoint; `--resume` continues it."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, *, hint: Optional[str] = None, exit_code: int = 130):
+        super().__init__(message, hint=hint)
+        self.exit_code = exit_code
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """A list of feature dicts (input_ids, attention_mask, labels), as the Trainer expects."""
+
+    def __init__(self, features: list[dict]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.features[index]
+
+
+def train(
+    config: LorakitConfig,
+    *,
+    resume: bool = False,
+    allow_config_change: bool = False,
+    on_log: Optional[Callable[[dict], None]] = None,
+    callbacks: Optional[list] = None,
+) -> RunPaths:
+    """Train a LoRA adapter as configured and write the run folder; returns its paths.
+
+    With train.auto_fit the micro-batch, accumulation, checkpointing (and on GPUs 4-bit) are
+    first chosen to fit the device (lorakit plan --fit). An out-of-memory error before the first
+    checkpoint halves the micro-batch and doubles the accumulation, then starts again.
+    """
+    from ..plan.fitting import run_with_oom_backoff
+
+    if config.train.auto_fit:
+        config = _auto_fit(config)
+
+    def attempt(current: LorakitConfig) -> RunPaths:
+        return _train(current, resume=resume, allow_config_change=allow_config_change, on_log=on_log, callbacks=callbacks)
+
+    return run_with_oom_backoff(attempt, config, log=lambda message: console.print(f"[yellow]{message}"))
+
+
+def _auto_fit(config: LorakitConfig) -> LorakitConfig:
+    from ..plan.devices import detect_device
+    from ..plan.fitting import fit_config
+
+    device, memory_gb = detect_device()
+    fitted, choices = fit_config(config, device, memory_gb)
+    for choice in choices:
+        console.print(f"[cyan]auto_fit[/cyan]: {choice}")
+    return fitted
+
+
+def _train(
+    config: LorakitConfig,
+    *,
+    resume: bool,
+    allow_config_change: bool,
+    on_log: Optional[Callable[[dict], None]],
+    callbacks: Optional[list],
+) -> RunPaths:
+    """One training attempt (see train).
+
+    resume: continue from the newest complete checkpoint in checkpoints/ (same config, unless
+        allow_config_change: then config.yaml records the new one and lorakit.json the change).
+    on_log: called with each record appended to metrics.jsonl (step, loss, eval_loss, ...).
+    callbacks: extra transformers TrainerCallbacks (tracking, tests).
+
+    Raises:
+        RunError: the folder holds a finished run (without resume / train.overwrite), resume was
+            asked of a finished run, with no complete checkpoint or with a changed config; a loss,
+            gradient or weight became NaN/infinite. TrainingInterrupted after Ctrl-C or SIGTERM
+            (checkpoint saved).
+        ConfigError: a bitsandbytes optimizer without CUDA (other config values are checked at load).
+        DataError, TemplateError, ModelError: from loading data, template and model.
+    """
+    from .distributed import is_main_process
+
+    tc = config.train
+    main = is_main_process()  # under torchrun only rank 0 writes the run folder and prints
+    console.quiet = not main
+    paths = prepare_run_dir(run_dir_for(config), resume=resume, overwrite=tc.overwrite)
+    checkpoint = paths.latest_checkpoint() if resume else None
+    changes = {}
+    if resume:
+        config, changes = _resume_config(config, paths, checkpoint, allow_config_change)
+        tc = config.train
+    # what this attempt creates it removes again if it fails before a checkpoint exists
+    created = [p for p in (paths.root, *paths.root.parents) if not p.exists()]
+    owns_root = bool(created) or (paths.publish_to is not None and not resume)
+    try:
+        return _run(config, paths, checkpoint, changes, main=main, on_log=on_log, callbacks=callbacks)
+    except BaseException:
+        if main and owns_root and paths.latest_checkpoint() is None:
+            shutil.rmtree(paths.root, ignore_errors=True)
+            for parent in created[1:]:
+                try:
+                    parent.rmdir()  # only if still empty
+                except OSError:
+                    break
+        raise
+
+
+def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_log, callbacks) -> RunPaths:
+    """Setup -> train -> save into `paths` (see _train)."""
+    from transformers import EarlyStoppingCallback, set_seed
+
+    from ..data import load_splits
+    from ..models.lora import apply_lora, trainable_summary
+    from ..models.loading import check_quantization, detect_task_type, load_base_model, load_tokenizer
+    from ..models.precision import choose_precision, default_device
+    from ..prompting.templates import resolve_template
+    from ..prompting.collation import PaddingCollator
+    from ..prompting.encoding import encode_examples
+
+    tc = config.train
+    resume = checkpoint is not None
+    # setup: everything that can fail on user input fails here, before any weights load
+    device = default_device()
+    check_quantization(config.model)
+    task_type = detect_task_type(config.model)
+    dtype, precision = choose_precision(config.model.precision, device)
+    tokenizer = load_tokenizer(config.model)
+    splits = load_splits(config.data)
+    has_context = any(example.context for example in splits.train)
+    template = resolve_template(config.template, tokenizer, task_type, has_context=has_context)
+    encode = dict(
+        max_length=config.template.max_length,
+        train_on_prompt=config.template.train_on_prompt,
+        task_type=task_type,
+    )
+    train_features, stats = encode_examples(splits.train, template, tokenizer, **encode)
+    console.print(f"[bold]train data[/bold] ({splits.format}, split by {splits.split_by}): {stats.summary()}")
+    if not train_features:
+        raise DataError(
+            f"{config.data.path}: every training record was dropped while tokenizing ({stats.dropped[0][1]}).",
+            hint="raise template.max_length, or check the records named above",
+        )
+    eval_features = []
+    if splits.validation:
+        eval_features, eval_stats = encode_examples(splits.validation, template, tokenizer, **encode)
+        console.print(f"[bold]validation data[/bold]: {eval_stats.summary().splitlines()[0]}")
+
+    set_seed(tc.seed)  # the LoRA initialisation is random too
+    model = load_base_model(config.model, task_type, dtype=dtype, device=None)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model = apply_lora(model, config.lora, task_type, gradient_checkpointing=tc.gradient_checkpointing)
+    console.print(f"[bold]LoRA[/bold]: {trainable_summary(model)}")
+
+    args = build_training_args(config, paths, precision, device, has_eval=bool(eval_features))
+    if main:
+        if not resume:
+            _clear_run(paths)  # only now: a setup error must not cost an existing run
+        for folder in paths.incomplete_checkpoints():
+            console.print(f"[yellow]skipping {folder.name}: its save was interrupted (incomplete); removed it")
+            shutil.rmtree(folder)
+        if checkpoint is not None:
+            console.print(f"resuming from {checkpoint}")
+        atomic_write_text(paths.config, config.to_yaml())  # an interrupted run still describes itself
+        if changes:
+            record_config_change(paths, int(checkpoint.name.split("-")[1]), changes)
+        if checkpoint is not None:
+            truncate_metrics(paths.metrics, int(checkpoint.name.split("-")[1]))
+
+    interrupt = InterruptCallback()
+    guard = NonFiniteGuard()
+    guard.attach(model)
+    progress = RichProgressCallback(console)
+    writers = [MetricsFileCallback(paths.metrics, on_log), progress] if main else []
+    completion = CheckpointCompletionCallback(keep=tc.save_total_limit, main=main)
+    all_callbacks = [*writers, completion, guard, interrupt, *(callbacks or [])]
+    if tc.early_stopping_patience and args.load_best_model_at_end:
+        all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=tc.early_stopping_patience))
+    elif tc.early_stopping_patience:
+        console.print("[yellow]train.early_stopping_patience is ignored: it needs a validation split and train.best_metric")
+    generation_eval = None
+    if tc.generation_eval_every and eval_features:
+        from .generation_eval import make_generation_eval
+
+        generation_eval = make_generation_eval(config, splits.validation, tokenizer, template, task_type)
+    trainer = GenerationEvalTrainer(
+        generation_eval=generation_eval,
+        model=model,
+        args=args,
+        train_dataset=FeatureDataset(train_features),
+        eval_dataset=FeatureDataset(eval_features) if eval_features else None,
+        data_collator=PaddingCollator(tokenizer.pad_token_id, seq2seq=task_type == "seq2seq"),
+        processing_class=tokenizer,
+        callbacks=all_callbacks,
+    )
+    _remove_default_printers(trainer)
+
+    # train; the signal handlers stay until the adapter is saved, so a late signal cannot tear it
+    interrupt.install()
+    try:
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except KeyboardInterrupt:  # a third Ctrl-C: quit at once, saving nothing
+            saved = paths.latest_checkpoint()
+            raise TrainingInterrupted(
+                f"training stopped at once at step {trainer.state.global_step}; nothing was saved"
+                + (f" (the newest complete checkpoint is {saved})." if saved else ", and there is no checkpoint."),
+                hint=f"continue with `lorakit train CONFIG --resume` (run folder {paths.root})" if saved else "train again",
+            ) from None
+        except NonFiniteTraining as exc:
+            raise _non_finite_error(exc, config, paths) from None
+        finally:
+            progress.stop()
+        if interrupt.stopped_at is not None:
+            kept = f"; the old run in {paths.publish_to} stays until this one finishes" if paths.publish_to else ""
+            raise TrainingInterrupted(
+                f"training interrupted ({signal.Signals(interrupt.signum).name}) at step {trainer.state.global_step}; "
+                f"checkpoint saved to {paths.latest_checkpoint()}{kept}.",
+                hint=f"continue with `lorakit train CONFIG --resume` (same config; run folder {paths.root})",
+                exit_code=interrupt.exit_code,
+            )
+        if not main:
+            return paths
+        return _save(trainer, config, paths, tokenizer, template, task_type, precision, model,
+                     n_train=len(train_features), n_eval=len(eval_features))
+    finally:
+        interrupt.uninstall()
+
+
+def _save(trainer, config, paths: RunPaths, tokenizer, template, task_type, precision, model, *, n_train, n_eval) -> RunPaths:
+    """Adapter + tokenizer + metadata, the curve, then (for train.overwrite) the swap into place."""
+    from ..models.identity import base_model_identity
+
+    final_root = paths.publish_to or paths.root
+    trainer.model.save_pretrained(paths.adapter)
+    tokenizer.save_pretrained(paths.adapter)
+    (paths.adapter / "README.md").unlink(missing_ok=True)  # peft's generic model card; lorakit.json describes the run
+    best = trainer.state.best_model_checkpoint
+    history = read_config_history(paths)
+    write_metadata(
+        paths.adapter,
+        base=base_model_identity(config.model, commit_hash=getattr(model.config, "_commit_hash", None)),
+        task_type=task_type,
+        template=template,
+        precision=precision,
+        system_prompt=config.template.system_prompt,
+        max_length=config.template.max_length,
+        extra={
+            "train_examples": n_train,
+            "validation_examples": n_eval,
+            "global_step": trainer.state.global_step,
+            "best_checkpoint": best.replace(str(paths.root), str(final_root), 1) if best else None,
+            "lora": config.lora.model_dump(mode="json"),
+            **({"config_changes": history} if history else {}),
+        },
+    )
+    from ..evaluate.plots import plot_loss
+
+    plot_loss(read_metrics(paths.metrics), paths.loss_plot, title=final_root.name)
+    paths = publish_run(paths)
+    console.print(f"[bold green]done[/bold green]: adapter saved to {paths.adapter}")
+    return paths
+
+
+def _resume_config(config: LorakitConfig, paths: RunPaths, checkpoint, allow_change: bool):
+    """The config to resume with, and the accepted changes {dotted key: (old, new)}.
+
+    The run folder must describe what produced it: a config that differs from the run's own
+    config.yaml is refused unless the user accepts the change (--allow-config-change).
+    """
+    if not paths.config.is_file():
+        return config, {}
+    old = yaml.safe_load(paths.config.read_text(encoding="utf-8")) or {}
+    changes = config_changes(old, yaml.safe_load(config.to_yaml()))
+    changes.pop("train.overwrite", None)  # says how to treat an old folder, not how this run trains
+    batch = ("train.micro_batch_size", "train.gradient_accumulation")
+    old_train = old.get("train", {})
+    if set(changes) & set(batch) and all(isinstance(old_train.get(k.split(".")[1]), int) for k in batch):
+        micro, accum = old_train["micro_batch_size"], old_train["gradient_accumulation"]
+        if micro * accum == config.train.micro_batch_size * config.train.gradient_accumulation:
+            # the run backed off after running out of memory: keep its (equivalent) split
+            config = config.model_copy(deep=True)
+            config.train.micro_batch_size, config.train.gradient_accumulation = micro, accum
+            for key in batch:
+                changes.pop(key, None)
+    if changes and not allow_change:
+        listed = ", ".join(f"{key}: {a!r} -> {b!r}" for key, (a, b) in changes.items())
+        raise RunError(
+            f"cannot resume '{paths.root}' from {checkpoint.name}: the config differs from the run's own {paths.config} in {listed}.",
+            hint=f"resume with the run's config (`lorakit train {paths.config} --resume`), or accept the change with "
+            "`--resume --allow-config-change` (config.yaml then records the new config and lorakit.json the change)",
+        )
+    return config, changes
+
+
+def _non_finite_error(exc: NonFiniteTraining, config: LorakitConfig, paths: RunPaths) -> RunError:
+    good = paths.latest_checkpoint()
+    where = f"; the last good checkpoint is {good}" if good else "; no checkpoint was kept"
+    hint = f"lower train.learning_rate (now {config.train.learning_rate:g}), or check the base model weights, the data and model.precision"
+    if good:
+        hint += ", then continue with `lorakit train CONFIG --resume --allow-config-change --set train.learning_rate=...`"
+    else:
+        hint += ", then train again"
+    return RunError(
+        f"training stopped at step {exc.step}: {exc.what} (loss {exc.loss}); nothing from that step was saved{where}.",
+        hint=hint,
+    )
+
+
+def _clear_run(paths: RunPaths) -> None:
+    """A fresh start (allowed by prepare_run_dir) removes only what lorakit itself writes."""
+    if paths.publish_to is not None:  # a staging folder left by an earlier overwrite attempt
+        shutil.rmtree(paths.root, ignore_errors=True)
+        return
+    for folder in (paths.adapter, paths.checkpoints, paths.plots, paths.eval):
+        if folder.is_dir():
+            shutil.rmtree(folder)
+    for file in (paths.metrics, paths.config, paths.config_changes):
+        file.unlink(missing_ok=True)
+
+
+def _remove_default_printers(trainer) -> None:
+    """The rich bar replaces the Trainer's tqdm bar and its printed dicts."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
