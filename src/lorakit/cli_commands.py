@@ -1,23 +1,17 @@
 """The printing commands behind `lorakit generate`, `chat`, `merge`, `serve` and `plan`: they call the
-library and print for the terminal."""
+library and print for the terminal. Each imports its stage when it runs, so `lorakit --help` stays fast."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable, Optional
-from .errors import ModelError
 import logging
-from .config_loading import load_config
-from .plan.shape import read_model_shape
-from .serve.app import DEFAULT_MAX_BODY_BYTES, run_server
-from .export.merge import MergeReport, merge_run
-from .plan.estimate import _task_type, data_lengths
-from .plan.fitting import fit_config
-from .inference.predictor import load_predictor
-from .plan.planner import plan_run
-from .plan.render import render_plan
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
 
-logger = logging.getLogger("lorakit.serve")
+from .errors import ModelError
+from .serve.guard import DEFAULT_MAX_BODY_BYTES
+
+if TYPE_CHECKING:
+    from .export.merge import MergeReport
 
 
 def read_context(context: Optional[str]) -> Optional[str]:
@@ -35,6 +29,8 @@ def read_context(context: Optional[str]) -> Optional[str]:
 
 def generate_command(path: str, question: str, context: Optional[str] = None, **decoding) -> str:
     """`lorakit generate RUN "question" [--context FILE_OR_TEXT]`: one answer, with the run's template."""
+    from .inference.predictor import load_predictor
+
     predictor = load_predictor(path)
     messages = [{"role": "user", "content": question}]
     return predictor.generate([messages], [read_context(context)], **decoding)[0].text
@@ -52,6 +48,8 @@ def chat_loop(
     `/reset` starts over, `/exit` (or end of input) quits. `output` is called like print.
     Returns the conversation as it stood at the end.
     """
+    from .inference.predictor import load_predictor
+
     predictor = load_predictor(path)
     output(f"Chatting with {predictor.name} (template '{predictor.template.name}'). /reset starts over, /exit quits.")
     messages: list[dict] = []
@@ -93,6 +91,8 @@ def chat_loop(
 
 def merge_command(run: str, out: str, *, dtype: str = "float32", overwrite: bool = False) -> MergeReport:
     """What `lorakit merge` runs: merge, verify, print the verdict and the largest difference."""
+    from .export.merge import merge_run
+
     def announce() -> None:
         print(f"Merging the adapter of {run} into its base model (in float32, saved as {dtype}) ...", flush=True)
 
@@ -105,6 +105,8 @@ def serve_command(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000,
                   max_tokens_limit: int = 512, max_batch_size: int = 8,
                   max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
     """What `lorakit serve` runs: request log lines go to stderr."""
+    from .serve.app import logger, run_server
+
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logger.setLevel(logging.INFO)
@@ -116,6 +118,13 @@ def plan_command(config_path, overrides: Optional[list[str]] = None, gpu: str = 
                  memory_gb: Optional[float] = None, fit: bool = False, console=None) -> str:
     """`lorakit plan config.yaml [--gpu ...] [--memory-gb N] [--fit]`: print the plan, return its text.
     With --fit (or train.auto_fit: true) the plan shown is the fitted config's, with each choice."""
+    from .config_loading import load_config
+    from .plan.estimate import _task_type, data_lengths
+    from .plan.fitting import fit_config
+    from .plan.planner import plan_run
+    from .plan.render import render_plan
+    from .plan.shape import read_model_shape
+
     config = load_config(config_path, overrides)
     choices = None
     if fit or config.train.auto_fit:

@@ -13,7 +13,6 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
 logger = logging.getLogger("lorakit.config")
 
 
@@ -121,7 +120,9 @@ class TrainConfig(Section):
     @classmethod
     def _known_trackers(cls, value: list[str]) -> list[str]:
         if value:
-            from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+            from transformers.integrations.integration_utils import (
+                INTEGRATION_TO_CALLBACK,
+            )
 
             for name in value:
                 _one_of(name, "report_to", list(INTEGRATION_TO_CALLBACK), extra=" (or [] for none)")
@@ -172,7 +173,9 @@ class EvalConfig(Section):
     @field_validator("bleu_tokenize")
     @classmethod
     def _known_bleu_tokenizer(cls, value: str) -> str:
-        from sacrebleu.metrics.bleu import _TOKENIZERS  # sacreBLEU's own registry of tokenizer names
+        from sacrebleu.metrics.bleu import (
+            _TOKENIZERS,  # sacreBLEU's own registry of tokenizer names
+        )
 
         return _one_of(value, "bleu_tokenize", ["auto", *_TOKENIZERS])
 
@@ -216,7 +219,7 @@ DEFAULT_NAMES = {"optimizer": "adamw_torch", "lr_scheduler": "cosine"}
 
 
 def _eval_name(metric: str) -> str:
-    """The name evaluation logs a metric under (train.py prefixes eval_ the same way)."""
+    """The name evaluation logs a metric under (the Trainer in train/recipe.py prefixes eval_ the same way)."""
     return metric if metric.startswith("eval_") else f"eval_{metric}"
 
 

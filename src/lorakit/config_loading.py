@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-
 import difflib
+import logging
 from pathlib import Path
 from typing import Any
+
 import yaml
 from pydantic import BaseModel, ValidationError
-from .errors import ConfigError
+
 from .config import LorakitConfig, Problem
+from .errors import ConfigError
 
 logger = logging.getLogger("lorakit.config")
 

@@ -9,11 +9,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
+
 import yaml
+
 from ._version import __version__
 from .errors import ConfigError, RunError
-from .runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA_FILE, RunPaths
 from .files import atomic_write_json
+from .runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA_FILE, RunPaths
+
 if TYPE_CHECKING:
     from .config import LorakitConfig
     from .prompting.templates import Template
@@ -63,7 +66,7 @@ def write_metadata(
 ) -> Path:
     """Write `lorakit.json`: everything needed to use the adapter again without the config.
 
-    `base` comes from modeling.base_model_identity(): name_or_path, gguf_file, revision, sha256.
+    `base` comes from models.identity.base_model_identity(): name_or_path, gguf_file, revision, sha256.
     """
     metadata = {
         "lorakit_version": __version__,

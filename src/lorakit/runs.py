@@ -22,7 +22,6 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-
 from .errors import RunError
 
 if TYPE_CHECKING:

@@ -6,6 +6,7 @@ import ast
 import json
 import math
 from typing import Any, Optional
+
 from ..errors import DataError
 from .example import Example
 from .loaders import RawData

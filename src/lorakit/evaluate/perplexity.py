@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+
 import torch
+
 from ..inference.decoding import _as_ids, _batch_tensors, _pad_id
 
 

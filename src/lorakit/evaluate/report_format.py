@@ -7,7 +7,6 @@ import html
 import math
 from typing import Any, Optional
 
-
 LABELS = {
     "n": "Examples",
     "exact_match": "Exact match",

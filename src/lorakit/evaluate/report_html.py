@@ -7,6 +7,7 @@ import html
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
 from .report_format import (
     BAR_METRICS,
     LABELS,

@@ -276,9 +276,9 @@ def merge_run(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    from ..files import atomic_write_json
     from ..models.identity import check_base_revision, check_base_weights
     from ..models.loading import load_base_model
-    from ..files import atomic_write_json
     from ..run_metadata import read_run, write_metadata
 
     started = time.perf_counter()

@@ -34,7 +34,7 @@ def encode_prompt(tokenizer, prompt: str, task_type: str = "causal") -> list[int
     """Token ids of an already-rendered prompt, the way training encoded prompts.
 
     Causal: the rendered template carries its own special tokens, so only the BOS the tokenizer
-    would add itself is prepended (as tokenize.py does). Seq2seq encoders get the tokenizer's own
+    would add itself is prepended (as prompting/encoding.py does). Seq2seq encoders get the tokenizer's own
     special tokens (T5 appends </s>), as in training.
     """
     if task_type == "seq2seq":

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 from ..errors import ModelError, RunError
-from .decoding import Generation, encode_prompt, generate_batched, stream_generate
 from ..runs import METADATA_FILE, RunPaths
+from .decoding import Generation, encode_prompt, generate_batched, stream_generate
 
 _POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
@@ -232,8 +232,8 @@ def _load_plain(folder: Path, device: str) -> Predictor:
     from transformers import AutoTokenizer
 
     from ..config import ModelConfig, TemplateConfig
-    from ..models.precision import choose_precision
     from ..models.loading import detect_task_type, load_base_model
+    from ..models.precision import choose_precision
     from ..prompting.templates import resolve_template
 
     model_config = ModelConfig(name_or_path=str(folder))
@@ -264,10 +264,10 @@ def load_predictor(path: str | os.PathLike, *, device: Optional[str] = None, ada
     """
     from transformers import AutoTokenizer
 
-    from ..models.identity import check_base_revision, check_base_weights
     from ..config import ModelConfig
-    from ..models.precision import choose_precision, default_device
+    from ..models.identity import check_base_revision, check_base_weights
     from ..models.loading import load_base_model, load_tokenizer
+    from ..models.precision import choose_precision, default_device
     from ..run_metadata import read_run
 
     device = device or default_device()

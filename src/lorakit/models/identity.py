@@ -1,6 +1,6 @@
 """Is the base model still the one a run was trained on?
 
-lorakit.json records the base model's identity at training time (modeling.base_model_identity): for
+lorakit.json records the base model's identity at training time (base_model_identity, below): for
 local weights their sha256 plus each file's size and mtime, for hub ids the commit. Every command
 that loads a run's base (eval, generate, chat, serve, merge) checks it first, so an adapter is never
 applied to other weights, for example a base folder a merge was written into.
@@ -12,24 +12,23 @@ the record are trusted without hashing; otherwise they are hashed once and the d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
-
-from ..errors import ModelError
-from ..runs import METADATA_FILE
-import hashlib
 from typing import Optional
+
 from ..config import ModelConfig
+from ..errors import ModelError
 from ..files import sha256_file
+from ..runs import METADATA_FILE
 from .loading import resolve_source
 
 
 def _cached_sha256(path: Path) -> str:
     """sha256 of a weights file, remembered in the lorakit cache per (path, size, mtime, inode), so a
     base that was copied or touched since training is hashed once, not on every load."""
-    from ..files import cache_root
-    from ..files import atomic_write_json, sha256_file
+    from ..files import atomic_write_json, cache_root, sha256_file
 
     st = path.stat()
     key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+
 from ..config import LoraConfig
 from ..errors import ModelError
-
 
 # Attention projections LoRA targets by default, per model family (first match wins).
 AUTO_TARGETS = [

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import warnings
 from typing import Optional
-import torch
-from ..errors import ModelError
 
+import torch
+
+from ..errors import ModelError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -110,7 +110,7 @@ def gpu_spec(gpu: str = "cpu", memory_gb: Optional[float] = None) -> GpuSpec:
 
 
 def precision_bytes(config, spec: GpuSpec) -> tuple[int, int, str]:
-    """(bytes per frozen weight, bytes per activation, precision name), as modeling.choose_precision
+    """(bytes per frozen weight, bytes per activation, precision name), as models.precision.choose_precision
     would pick them on that device (float16 keeps fp32 weights under autocast)."""
     requested = config.model.precision
     if spec.name == "cpu":

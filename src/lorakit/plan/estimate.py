@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from typing import Optional
+
 from ..config import LorakitConfig
-from .devices import GpuSpec, gpu_spec, precision_bytes, step_time
 from ..errors import ModelError
+from .devices import GpuSpec, gpu_spec, precision_bytes, step_time
 from .memory import (
     MemoryEstimate,
     TimeEstimate,
@@ -37,8 +38,8 @@ def data_lengths(config: LorakitConfig, task_type: str) -> DataLengths:
 
     from ..data import load_splits
     from ..models.loading import load_tokenizer
-    from ..prompting.templates import resolve_template
     from ..prompting.encoding import Dropped, encode_example
+    from ..prompting.templates import resolve_template
 
     splits = load_splits(config.data)
     train = splits.train

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import logging
-
 import gc
+import logging
 from typing import Callable, Optional
+
 from ..config import LorakitConfig
-from .devices import gpu_spec
 from ..errors import ModelError
+from .devices import gpu_spec
+from .estimate import DataLengths, _task_type, data_lengths, estimate_memory
 from .memory import (
     fmt_bytes,
 )
 from .shape import ModelShape, read_model_shape
-from .estimate import DataLengths, _task_type, data_lengths, estimate_memory
 
 logger = logging.getLogger("lorakit.plan")
 

@@ -15,13 +15,20 @@ from typing import Optional
 
 from ..config import LorakitConfig
 from .devices import GpuSpec, gpu_spec, precision_bytes
+from .estimate import (
+    DataLengths,
+    _padded_mean,
+    _task_type,
+    data_lengths,
+    estimate_memory,
+    estimate_time,
+)
+from .fitting import fit_config
 from .memory import (
     MemoryEstimate,
     TimeEstimate,
 )
 from .shape import ModelShape, read_model_shape
-from .estimate import DataLengths, _padded_mean, _task_type, data_lengths, estimate_memory, estimate_time
-from .fitting import fit_config
 
 logger = logging.getLogger("lorakit.plan")
 

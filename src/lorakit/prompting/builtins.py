@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-
-
 HUMAN_ASSISTANT = r"""
 {%- if system %}{{ system }}{{ '\n\n' }}{% endif %}
 {%- if context %}Context: {{ context }}{{ '\n\n' }}{% endif %}

@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from typing import Callable, Optional
 
 from ..errors import LorakitError, ModelError, ServeError, require
+from .guard import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, _Guard, _log
 from .schemas import (
     APIError,
     ChatCompletionRequest,
@@ -40,11 +41,8 @@ from .schemas import (
     usage_chunk,
 )
 from .worker import PREPARE_THREADS, BatchWorker, Job, ServedModel, load_models
-from .guard import _Guard, _log
 
 logger = logging.getLogger("lorakit.serve")
-API_KEY_ENV = "LORAKIT_API_KEY"
-DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
 
 # --- the HTTP app --------------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """The ASGI guard in front of the app: body size limit (413) and the API key."""
 
 import hmac
+import logging
 import time
 from typing import Optional
+
 from .schemas import (
     APIError,
 )
-import logging
 
 logger = logging.getLogger("lorakit.serve")
+API_KEY_ENV = "LORAKIT_API_KEY"
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
 
 def _too_large(limit: int) -> APIError:

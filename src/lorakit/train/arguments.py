@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from ..config import LorakitConfig
 from ..errors import ConfigError
 from ..runs import RunPaths

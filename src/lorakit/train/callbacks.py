@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 from transformers import TrainerCallback
+
 from ..runs import read_metrics
 
 # keys the Trainer logs that we store under shorter, documented names
@@ -85,7 +86,13 @@ class RichProgressCallback(TrainerCallback):
         self._status = ""
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
             TextColumn("[bold]train"),
@@ -236,7 +243,7 @@ class CheckpointCompletionCallback(TrainerCallback):
 
 
 class NonFiniteTraining(Exception):
-    """Raised by NonFiniteGuard; train.py turns it into a RunError that names the fix."""
+    """Raised by NonFiniteGuard; train/recipe.py turns it into a RunError that names the fix."""
 
     def __init__(self, step: int, what: str, loss: Optional[float]):
         self.step, self.what, self.loss = step, what, loss

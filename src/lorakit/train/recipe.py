@@ -1,6 +1,6 @@
 """train(config) -> RunPaths: data -> template -> features -> LoRA model -> HF Trainer -> run folder.
 
-The recipe reads as setup, train, save. The run folder (runs.py) is written so that everything
+The recipe reads as setup, train, save. The run folder (runs.py, run_metadata.py) is written so that everything
 after training needs only it: adapter + tokenizer + lorakit.json, the resolved config, the
 per-step metrics and the loss curve.
 """
@@ -15,6 +15,17 @@ import torch
 import yaml
 from rich.console import Console
 
+from ..config import LorakitConfig
+from ..errors import DataError, RunError
+from ..files import atomic_write_text
+from ..run_metadata import (
+    config_changes,
+    read_config_history,
+    record_config_change,
+    write_metadata,
+)
+from ..runs import RunPaths, prepare_run_dir, publish_run, read_metrics, run_dir_for
+from .arguments import build_training_args
 from .callbacks import (
     CheckpointCompletionCallback,
     InterruptCallback,
@@ -24,14 +35,7 @@ from .callbacks import (
     RichProgressCallback,
     truncate_metrics,
 )
-from ..runs import read_metrics
-from ..config import LorakitConfig
 from .generation_eval import GenerationEvalTrainer
-from ..errors import DataError, RunError
-from ..runs import RunPaths, prepare_run_dir, publish_run, run_dir_for
-from ..files import atomic_write_text
-from ..run_metadata import config_changes, read_config_history, record_config_change, write_metadata
-from .arguments import build_training_args
 
 console = Console(stderr=True)
 
@@ -150,12 +154,17 @@ def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_l
     from transformers import EarlyStoppingCallback, set_seed
 
     from ..data import load_splits
+    from ..models.loading import (
+        check_quantization,
+        detect_task_type,
+        load_base_model,
+        load_tokenizer,
+    )
     from ..models.lora import apply_lora, trainable_summary
-    from ..models.loading import check_quantization, detect_task_type, load_base_model, load_tokenizer
     from ..models.precision import choose_precision, default_device
-    from ..prompting.templates import resolve_template
     from ..prompting.collation import PaddingCollator
     from ..prompting.encoding import encode_examples
+    from ..prompting.templates import resolve_template
 
     tc = config.train
     resume = checkpoint is not None
