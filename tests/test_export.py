@@ -18,7 +18,7 @@ from lorakit.models.identity import base_model_identity
 from lorakit.runs import RunPaths
 from lorakit.files import atomic_write_text
 from lorakit.run_metadata import read_run, write_metadata
-from lorakit.prompting.builtins import BUILTINS
+from lorakit.prompting.builtin_templates import BUILTINS
 from lorakit.prompting.templates import render_prompt, resolve_template
 
 SYSTEM = "Answer briefly."

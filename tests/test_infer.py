@@ -18,7 +18,7 @@ from lorakit.inference.decoding import generate_batched
 from lorakit.inference.predictor import Predictor, load_predictor
 from lorakit.cli_commands import chat_loop, generate_command, read_context
 from lorakit.run_metadata import write_metadata
-from lorakit.prompting.builtins import BUILTINS
+from lorakit.prompting.builtin_templates import BUILTINS
 from lorakit.prompting.templates import render_prompt, resolve_template
 
 QUESTION = "What is the capital of France?"

@@ -5,7 +5,7 @@ from transformers import AutoTokenizer
 
 from lorakit.config import TemplateConfig
 from lorakit.errors import TemplateError
-from lorakit.prompting.builtins import BUILTINS
+from lorakit.prompting.builtin_templates import BUILTINS
 from lorakit.prompting.templates import Template, render_prompt, render_segments, resolve_template
 
 TWO_TURNS = [

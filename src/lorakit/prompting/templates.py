@@ -22,7 +22,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import TemplateError
-from .builtins import BUILTINS, NAMES
+from .builtin_templates import BUILTINS, NAMES
 
 # --- built-in templates ---------------------------------------------------------------------
 # Assistant replies are never followed by text inside their own turn: separators come before
