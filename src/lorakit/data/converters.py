@@ -12,6 +12,50 @@ from .example import Example
 from .loaders import RawData
 
 
+# Counted in the cleaning report: SQuAD answers whose answer_start did not point at their text.
+ANSWER_START_FIXED = "answer_start corrected to where the answer occurs"
+ANSWER_NOT_IN_CONTEXT = "answer text not found in its context"
+COLUMN_FIELDS = ("question", "answer", "context", "system", "id", "group")
+
+
+# Column names accepted without a column_map, matched case-insensitively, first match wins.
+ALIASES = {
+    "question": ("question", "q", "query", "prompt"),
+    "answer": ("answer", "a", "response", "completion", "reply"),
+    "context": ("context", "passage", "paragraph", "document"),
+    "system": ("system", "system_prompt"),
+    "id": ("id", "qid", "question_id"),
+    "group": ("group", "title"),
+}
+
+
+SQUAD_ANSWER_COLUMNS = ("answers", "answers.text")
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
+    "system": "system",
+}
+
+
+MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _keys(records: list[dict]) -> dict[str, str]:
+    """Lower-cased key -> the key as written, over the first records (files are mostly uniform)."""
+    keys: dict[str, str] = {}
+    for record in records[:200]:
+        for key in record:
+            keys.setdefault(str(key).strip().lower(), key)
+    return keys
+
+
+def _pick(keys: dict[str, str], candidates: tuple[str, ...]) -> Optional[str]:
+    for name in candidates:
+        if name in keys:
+            return keys[name]
+    return None
+
+
 def _text(value: Any, where: str, field: str) -> str:
     """A field's value as text; None and NaN are empty, numbers become their digits."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -265,53 +309,3 @@ def _chat_example(raw: RawData, index: int, record: dict, turns: list[tuple[str,
         messages=messages, answers=[final] if final.strip() else [], id=record_id or f"{raw.stem}-{index}",
         source=f"{raw.name}:{index}",
     )
-
-
-# Counted in the cleaning report: SQuAD answers whose answer_start did not point at their text.
-ANSWER_START_FIXED = "answer_start corrected to where the answer occurs"
-
-
-ANSWER_NOT_IN_CONTEXT = "answer text not found in its context"
-
-
-COLUMN_FIELDS = ("question", "answer", "context", "system", "id", "group")
-
-
-# Column names accepted without a column_map, matched case-insensitively, first match wins.
-ALIASES = {
-    "question": ("question", "q", "query", "prompt"),
-    "answer": ("answer", "a", "response", "completion", "reply"),
-    "context": ("context", "passage", "paragraph", "document"),
-    "system": ("system", "system_prompt"),
-    "id": ("id", "qid", "question_id"),
-    "group": ("group", "title"),
-}
-
-
-SQUAD_ANSWER_COLUMNS = ("answers", "answers.text")
-
-
-SHAREGPT_ROLES = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
-    "system": "system",
-}
-
-
-MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-def _keys(records: list[dict]) -> dict[str, str]:
-    """Lower-cased key -> the key as written, over the first records (files are mostly uniform)."""
-    keys: dict[str, str] = {}
-    for record in records[:200]:
-        for key in record:
-            keys.setdefault(str(key).strip().lower(), key)
-    return keys
-
-
-def _pick(keys: dict[str, str], candidates: tuple[str, ...]) -> Optional[str]:
-    for name in candidates:
-        if name in keys:
-            return keys[name]
-    return None

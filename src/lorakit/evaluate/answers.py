@@ -8,14 +8,8 @@ from typing import Sequence
 from ..inference.decoding import _first_stop
 
 _THINK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
-
-
 _LEFTOVERS = ("<|im_end|>", "<|im_start|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>", "<s>", "<eos>", "<end_of_turn>")
-
-
 _PREFIX = re.compile(r"^\s*(?:#+\s*)?(?:answer|a|assistant|response)\s*:\s*", re.IGNORECASE)
-
-
 _QUOTES = ("\"\"", "''", "“”", "‘’", "«»", "``")
 
 
