@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 LOCK := requirements/lock.txt
 UV_VERSION := 0.13.9
 
-.PHONY: install lock test demo bench clean
+.PHONY: install lock test lint demo bench clean
 
 # torch after the lock, so its pure-Python dependencies are already the locked ones; pip's local
 # CPU wheel satisfies torch==2.13.0 here, and a GPU machine gets PyPI's build with its CUDA libraries.
@@ -30,6 +30,15 @@ lock:
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# Settings in pyproject.toml: [tool.ruff] (rules, line length) and [tool.mypy] (strict public API).
+# All three run even when one fails, so one pass shows every problem; any failure fails the target.
+lint: $(STAMP)
+	status=0; \
+	$(VENV)/bin/ruff check . || status=1; \
+	$(VENV)/bin/ruff format --check . || status=1; \
+	$(VENV)/bin/mypy || status=1; \
+	exit $$status
 
 demo: $(STAMP)
 	$(VENV)/bin/lorakit demo
