@@ -15,6 +15,8 @@ Only the CLI catches these: it prints one line and exits non-zero, with no trace
 
 from __future__ import annotations
 
+from types import ModuleType
+
 
 class LorakitError(Exception):
     """Base of every error caused by the user's input rather than by a bug."""
@@ -69,7 +71,7 @@ class MissingExtraError(LorakitError):
         )
 
 
-def require(module: str, extra: str, purpose: str):
+def require(module: str, extra: str, purpose: str) -> ModuleType:
     """Import an optional dependency lazily, or raise an error with the install hint."""
     import importlib
 

@@ -7,10 +7,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks (weights files are large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -19,7 +19,7 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write `text` so readers see the old file or the new one, never half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +36,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -47,7 +47,7 @@ _BOMS = (
 )
 
 
-def wide_encoding(data: bytes) -> Optional[str]:
+def wide_encoding(data: bytes) -> str | None:
     """The name of a UTF-16/32 encoding when `data` looks like one (a BOM, or NUL bytes, which
     UTF-8 text never holds), else None. Such files otherwise fail with misleading syntax errors."""
     for bom, name in _BOMS:

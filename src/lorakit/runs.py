@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any
 
 from .errors import RunError
 
@@ -36,9 +36,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 class RunPaths:
     """Where each part of a run lives, relative to the run's root folder."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
-        self.publish_to: Optional[Path] = None  # set for a staging folder (prepare_run_dir)
+        self.publish_to: Path | None = None  # set for a staging folder (prepare_run_dir)
 
     @property
     def config(self) -> Path:
@@ -91,7 +91,7 @@ class RunPaths:
                 found.append((int(match.group(1)), child))
         return sorted(found)
 
-    def latest_checkpoint(self) -> Optional[Path]:
+    def latest_checkpoint(self) -> Path | None:
         """The newest complete `checkpoint-N` folder (see is_complete_checkpoint), or None."""
         complete = [folder for _, folder in self.checkpoint_folders() if is_complete_checkpoint(folder)]
         return complete[-1] if complete else None
@@ -116,7 +116,7 @@ CHECKPOINT_MARKER = "lorakit-checkpoint.json"
 
 def is_complete_checkpoint(folder: Path) -> bool:
     try:
-        marker = json.loads((Path(folder) / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+        marker: dict[str, object] = json.loads((Path(folder) / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return marker.get("step") == int(Path(folder).name.rsplit("-", 1)[1])
@@ -140,7 +140,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "run"
 
 
-def run_dir_for(config: "LorakitConfig") -> Path:
+def run_dir_for(config: LorakitConfig) -> Path:
     """`train.output_dir/<run_name>`; without a run_name, `<model>-<data>` (stable, so --resume finds it)."""
     name = config.train.run_name
     if not name:
@@ -163,7 +163,7 @@ def _aside_dir(root: Path) -> Path:
     return root.parent / f".{root.name}.replaced"
 
 
-def prepare_run_dir(root: str | os.PathLike, *, resume: bool, overwrite: bool) -> RunPaths:
+def prepare_run_dir(root: str | os.PathLike[str], *, resume: bool, overwrite: bool) -> RunPaths:
     """Check that a run folder may be trained into; return the paths training writes to.
 
     Creates nothing (a failed setup must leave nothing behind). When train.overwrite replaces an
@@ -243,7 +243,7 @@ def _finish_interrupted_publish(root: Path) -> None:
 # --- reading a run back ------------------------------------------------------------------------
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records in metrics.jsonl (skipping a torn last line after a crash)."""
     if not Path(path).is_file():
         return []
