@@ -69,7 +69,7 @@ def make_run(root: Path, base_dir: Path) -> Path:
     model.save_pretrained(paths.adapter)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(paths.adapter)
     write_metadata(paths.adapter, base=base_model_identity(config.model), task_type="causal", template=template,
-                   precision="float32", system_prompt=None, max_length=512)
+                   precision="float32", max_length=512)
     atomic_write_text(paths.config, config.to_yaml())
     return root
 

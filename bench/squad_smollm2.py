@@ -88,16 +88,10 @@ def bench_config(model_dir: Path, train_path: Path, test_path: Path, out: Path, 
 
 def token_stats(config) -> dict:
     """What the training features supervise, encoded exactly as train() encodes them."""
-    from lorakit.data import load_splits
-    from lorakit.models.loading import load_tokenizer
-    from lorakit.prompting.templates import resolve_template
-    from lorakit.prompting.encoding import encode_examples
+    from lorakit.pipeline import prepare
 
-    tokenizer = load_tokenizer(config.model)
-    splits = load_splits(config.data)
-    template = resolve_template(config.template, tokenizer, "causal", has_context=True)
-    features, stats = encode_examples(splits.train, template, tokenizer, task_type="causal",
-                                      max_length=config.template.max_length)
+    prepared = prepare(config)  # the task type is detected, as train() does
+    features, stats, tokenizer = prepared.train_features, prepared.train_stats, prepared.tokenizer
     labels = [t for f in features for t in f["labels"] if t != -100]
     answer = sum(1 for t in labels if t != tokenizer.eos_token_id)
     return {"tokens": stats.n_total_tokens, "answer_share": 100 * answer / len(labels),

@@ -64,7 +64,7 @@ def make_run(root: Path, base_dir: Path, *, template_name: str = "question_answe
     peft_model.save_pretrained(paths.adapter)
     tokenizer.save_pretrained(paths.adapter)
     write_metadata(paths.adapter, base=base_model_identity(config.model), task_type=task_type, template=template,
-                   precision="float32", system_prompt=SYSTEM, max_length=256)
+                   precision="float32", max_length=256)
     atomic_write_text(paths.config, config.to_yaml())
     return root
 
@@ -154,9 +154,9 @@ def test_chat_template_translation_for_every_template(tiny_llama_dir, name):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    template = resolve_template(TemplateConfig(name=name), tokenizer, "causal")
     for system in (None, SYSTEM):
-        tokenizer.chat_template = hf_chat_template(template, system)
+        template = resolve_template(TemplateConfig(name=name, system_prompt=system), tokenizer, "causal")
+        tokenizer.chat_template = hf_chat_template(template)
         for messages, context in CONVERSATIONS:
             extra = {"context": context} if context else {}
             for gen in (True, False):

@@ -44,7 +44,6 @@ def make_run(root: Path, base_dir: Path, *, template: str = "question_answer", s
         task_type="causal",
         template=resolve_template(TemplateConfig(name=template), tokenizer, "causal"),
         precision="float32",
-        system_prompt=None,
         max_length=128,
     )
     config = validate_config({"data": {"path": str(root / "data.jsonl")}, "model": {"name_or_path": str(base_dir)},

@@ -21,8 +21,8 @@ MAX_LINES = 400
 # Each unit (a top-level module or a package under lorakit/) may import only itself and the units
 # before it. The stages read in pipeline order; `plan` predicts what `train` will need, and `train`
 # comes after `evaluate` because generation-based validation scores generations during training.
-# A new top-level module goes where its imports put it (a `pipeline` spine that prepares tokenizer,
-# splits, template and features would sit between `models` and `plan`).
+# A new top-level module goes where its imports put it: the `pipeline` spine (prepare a config,
+# load a run) uses models, prompting and data, and inference, plan and train use it.
 ORDER = [
     "_version",        # the version string alone
     "errors",          # the exception tree
@@ -35,6 +35,7 @@ ORDER = [
     "prompting",       # templates, encoding, collation
     "run_metadata",    # lorakit.json written and read back (holds a Template)
     "models",          # base model + tokenizer, precision, LoRA, base identity
+    "pipeline",        # the spine: prepare(config) and load_run(folder), shared by every entry point
     "inference",       # Predictor, batched and streaming decoding
     "evaluate",        # metrics, answers, perplexity, runner, report
     "plan",            # shape, memory, devices, fitting

@@ -230,10 +230,7 @@ def test_oom_backoff_gives_up_at_micro_batch_one_and_passes_other_errors(tiny_ll
 
 
 def test_plan_command_uses_the_real_token_lengths(tiny_llama_dir, tmp_path):
-    from lorakit.data import load_splits
-    from lorakit.models.loading import load_tokenizer
-    from lorakit.prompting.templates import resolve_template
-    from lorakit.prompting.encoding import encode_examples
+    from lorakit.pipeline import prepare
 
     records = [{"question": f"What is {i} plus {i}?", "answer": str(2 * i), "context": "numbers go here " * (i % 5)} for i in range(30)]
     (tmp_path / "qa.json").write_text(json.dumps(records), encoding="utf-8")
@@ -245,10 +242,7 @@ def test_plan_command_uses_the_real_token_lengths(tiny_llama_dir, tmp_path):
 
     text = plan_command(tmp_path / "c.yaml", ["train.epochs=2"], "cpu", None, False, console=Console(record=True, width=200, file=io.StringIO()))
     config = validate_config({"data": {"path": str(tmp_path / "qa.json")}, "model": {"name_or_path": str(tiny_llama_dir)}})
-    tokenizer = load_tokenizer(config.model)
-    train = load_splits(config.data).train
-    template = resolve_template(config.template, tokenizer, "causal", has_context=True)
-    _, stats = encode_examples(train, template, tokenizer, max_length=config.template.max_length)
+    stats = prepare(config).train_stats  # encoded as training encodes them
     assert f"longest batch {max(stats.lengths)} tokens" in text
     assert "Predicted peak memory" in text and "fits in" in text and "2 epochs" in text
 

@@ -16,6 +16,7 @@ TEMPLATE = Template(
     source="{% for m in messages %}{{ m.content }}{% endfor %}",
     stop_strings=["\n### Question:"],
     uses_model_chat_template=False,
+    system="Be brief.",
 )
 BASE = {"name_or_path": "/models/tiny", "gguf_file": None, "revision": None, "sha256": "ab" * 32}
 
@@ -32,7 +33,7 @@ def _finished_run(root, config=None):
     (paths.adapter / "adapter_model.safetensors").write_bytes(b"weights")
     (paths.adapter / "adapter_config.json").write_text("{}")
     write_metadata(paths.adapter, base=BASE, task_type="causal", template=TEMPLATE, precision="float32",
-                   system_prompt="Be brief.", max_length=256, extra={"train_examples": 4})
+                   max_length=256, extra={"train_examples": 4})
     if config is not None:
         atomic_write_text(paths.config, config.to_yaml())
     return paths
@@ -61,7 +62,9 @@ def test_metadata_round_trip_from_run_adapter_and_merged(tmp_path):
     meta = json.loads(paths.lorakit_json.read_text())
     assert meta["base_model"] == BASE and meta["task_type"] == "causal"
     assert meta["template"]["source"] == TEMPLATE.source and meta["train_examples"] == 4
-    assert {"lorakit_version", "precision", "system_prompt", "max_length", "created"} <= set(meta)
+    assert {"lorakit_version", "precision", "max_length", "created"} <= set(meta)
+    # the system prompt is stored once, in the template
+    assert meta["template"]["system"] == "Be brief." and "system_prompt" not in meta
 
     for where in (paths.root, paths.adapter):
         info = read_run(where)
@@ -75,6 +78,23 @@ def test_metadata_round_trip_from_run_adapter_and_merged(tmp_path):
     info = read_run(merged)
     assert info.is_merged and info.adapter_dir is None and info.config is None
     assert info.base["sha256"] == BASE["sha256"]
+
+
+def test_reads_a_0_1_0_lorakit_json_with_two_system_prompts(tmp_path):
+    """lorakit 0.1.0 wrote the system prompt twice (template.system and a top-level system_prompt,
+    which its predictor preferred) and may lack max_length: both read back into the one place."""
+    paths = _finished_run(tmp_path / "old")
+    meta = json.loads(paths.lorakit_json.read_text())
+    meta["system_prompt"] = "Answer in one word."
+    del meta["max_length"]
+    paths.lorakit_json.write_text(json.dumps(meta))
+    info = read_run(paths.root)
+    assert info.template.system == "Answer in one word." == info.system_prompt
+    assert info.max_length == 1024  # TemplateConfig's default: no config.yaml in this folder
+    config = _config(tmp_path)
+    config.template.max_length = 300
+    atomic_write_text(paths.config, config.to_yaml())
+    assert read_run(paths.root).max_length == 300  # the run's own config.yaml, when it has one
 
 
 def test_read_run_errors_name_the_path_and_fix(tmp_path):

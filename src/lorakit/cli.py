@@ -162,24 +162,32 @@ def merge(
     merge_command(str(run), str(out), dtype=dtype, overwrite=overwrite)
 
 
+def _serve_help(key: str) -> str:
+    """A serve flag's help: the ServeConfig field's description and its one default."""
+    from .config import ServeConfig
+
+    field = ServeConfig.model_fields[key]
+    return f"{field.description} (serve.{key}; default {field.default})"
+
+
 @app.command()
 def serve(
     runs: List[str] = typer.Argument(..., help="Run or merged folders; NAME=PATH sets the model id."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port", min=1, max=65535),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LORAKIT_API_KEY", help="Require this bearer token."),
-    max_tokens_limit: int = typer.Option(512, "--max-tokens-limit", min=1),
-    max_batch_size: int = typer.Option(8, "--max-batch-size", min=1),
-    max_body_bytes: int = typer.Option(
-        1024 * 1024, "--max-body-bytes", min=1, help="Larger request bodies are refused with 413."
-    ),
+    config: Optional[Path] = typer.Option(None, "--config", help="A YAML file whose serve: section holds the settings below."),
+    # left out, a flag takes the config's serve.* value, else config.ServeConfig's default
+    host: Optional[str] = typer.Option(None, "--host", help=_serve_help("host")),
+    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help=_serve_help("port")),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LORAKIT_API_KEY", help=_serve_help("api_key")),
+    max_tokens_limit: Optional[int] = typer.Option(None, "--max-tokens-limit", min=1, help=_serve_help("max_tokens_limit")),
+    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", min=1, help=_serve_help("max_batch_size")),
+    max_body_bytes: Optional[int] = typer.Option(None, "--max-body-bytes", min=1, help=_serve_help("max_body_bytes")),
 ):
     """Serve runs behind an OpenAI-compatible HTTP API."""
     from .cli_commands import serve_command
 
     serve_command(
-        runs, host=host, port=port, api_key=api_key, max_tokens_limit=max_tokens_limit, max_batch_size=max_batch_size,
-        max_body_bytes=max_body_bytes,
+        runs, str(config) if config else None, host=host, port=port, api_key=api_key,
+        max_tokens_limit=max_tokens_limit, max_batch_size=max_batch_size, max_body_bytes=max_body_bytes,
     )
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .errors import ModelError
-from .serve.guard import DEFAULT_MAX_BODY_BYTES
 
 if TYPE_CHECKING:
     from .export.merge import MergeReport
@@ -101,17 +100,17 @@ def merge_command(run: str, out: str, *, dtype: str = "float32", overwrite: bool
     return report
 
 
-def serve_command(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
-                  max_tokens_limit: int = 512, max_batch_size: int = 8,
-                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
-    """What `lorakit serve` runs: request log lines go to stderr."""
+def serve_command(runs: list[str], config: Optional[str] = None, **flags) -> None:
+    """What `lorakit serve` runs: ServeConfig's defaults < the serve section of `config` < the
+    flags that were given (None: not given). Request log lines go to stderr."""
+    from .config_loading import load_serve_config
     from .serve.app import logger, run_server
 
+    settings = load_serve_config(config, **flags)  # a bad setting fails before any model loads
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logger.setLevel(logging.INFO)
-    run_server(runs, host=host, port=port, api_key=api_key, max_tokens_limit=max_tokens_limit,
-               max_batch_size=max_batch_size, max_body_bytes=max_body_bytes)
+    run_server(runs, settings)
 
 
 def plan_command(config_path, overrides: Optional[list[str]] = None, gpu: str = "cpu",

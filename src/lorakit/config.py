@@ -11,7 +11,7 @@ import logging
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 logger = logging.getLogger("lorakit.config")
 
@@ -29,7 +29,7 @@ class SplitConfig(Section):
     test: float = Field(0.05, ge=0, le=1, description="Fraction held out for `lorakit eval`.")
 
     @model_validator(mode="after")
-    def _sum_to_one(self):
+    def _sum_to_one(self) -> SplitConfig:
         total = self.train + self.validation + self.test
         if abs(total - 1.0) > 1e-6:
             raise Problem(f"split fractions sum to {total:g}", "make data.split train + validation + test = 1")
@@ -113,8 +113,8 @@ class TrainConfig(Section):
 
     @field_validator("optimizer", "lr_scheduler")
     @classmethod
-    def _known_to_transformers(cls, value: str, info) -> str:
-        return _check_transformers_name(info.field_name, value)
+    def _known_to_transformers(cls, value: str, info: ValidationInfo) -> str:
+        return _check_transformers_name(str(info.field_name), value)  # set in every field validator
 
     @field_validator("report_to")
     @classmethod
@@ -136,7 +136,7 @@ class TrainConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _best_metric_is_logged(self):
+    def _best_metric_is_logged(self) -> TrainConfig:
         """The metric that picks the best checkpoint must be one that evaluation logs, and
         checkpoints must fall on evaluated steps; the Trainer finds out only at the first
         evaluation, after training time is spent."""
@@ -181,11 +181,16 @@ class EvalConfig(Section):
 
 
 class ServeConfig(Section):
+    """`lorakit serve` settings: read from a config's serve section (`lorakit serve --config FILE`),
+    overridden by the command-line flags; the one owner of every serve default."""
+
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     api_key: Optional[str] = Field(None, description="Require this bearer token (or set LORAKIT_API_KEY).")
     max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
     max_batch_size: int = Field(8, ge=1, description="Requests generated together.")
+    max_wait_ms: float = Field(10.0, ge=0, description="How long the worker waits to gather a batch of compatible requests.")
+    max_body_bytes: int = Field(1024 * 1024, ge=1, description="Larger request bodies are refused with 413 before they are parsed.")
 
 
 class LorakitConfig(Section):

@@ -5,18 +5,20 @@ from __future__ import annotations
 import difflib
 import logging
 from pathlib import Path
+from collections.abc import Hashable
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
-from .config import LorakitConfig, Problem
+from .config import LorakitConfig, Problem, ServeConfig
 from .errors import ConfigError
 
 logger = logging.getLogger("lorakit.config")
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
@@ -49,7 +51,7 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return parsed
 
 
-def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+def _known_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     """The field names valid at `loc` (a pydantic error location), for "did you mean"."""
     current: Any = model
     for part in loc[:-1]:
@@ -64,7 +66,7 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(getattr(current, "model_fields", {}).keys())
 
 
-def _describe(err: dict, model: type[BaseModel]) -> tuple[str, str]:
+def _describe(err: ErrorDetails, model: type[BaseModel]) -> tuple[str, str]:
     """(what is wrong, how to fix it) for one pydantic error, both naming the key."""
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
@@ -85,7 +87,7 @@ def _describe(err: dict, model: type[BaseModel]) -> tuple[str, str]:
     return f"{key}: {message} (got {shown})", f"set {key} to a value that satisfies: {message[:1].lower()}{message[1:]}"
 
 
-def validate_config(tree: dict, source: str = "config") -> LorakitConfig:
+def validate_config(tree: dict[str, Any], source: str = "config") -> LorakitConfig:
     """Validate a raw config tree, reporting every problem at once."""
     if not isinstance(tree, dict):
         raise ConfigError(
@@ -95,18 +97,41 @@ def validate_config(tree: dict, source: str = "config") -> LorakitConfig:
     try:
         return LorakitConfig.model_validate(tree)
     except ValidationError as exc:
-        described = [_describe(err, LorakitConfig) for err in exc.errors()]
-        problems = [what for what, _ in described]
-        raise ConfigError(
-            f"{source}: {len(problems)} problem(s): {'; '.join(problems).rstrip('.?')}.",
-            hint="; ".join(fix for _, fix in described),
-            problems=problems,
-        ) from None
+        raise _config_error(source, [_describe(err, LorakitConfig) for err in exc.errors()]) from None
 
 
-def load_config_tree(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+def _config_error(source: str, described: list[tuple[str, str]]) -> ConfigError:
+    problems = [what for what, _ in described]
+    return ConfigError(
+        f"{source}: {len(problems)} problem(s): {'; '.join(problems).rstrip('.?')}.",
+        hint="; ".join(fix for _, fix in described),
+        problems=problems,
+    )
+
+
+def load_serve_config(path: str | Path | None = None, **overrides: Any) -> ServeConfig:
+    """The serve settings: ServeConfig's defaults < the file's serve section < overrides.
+
+    Only the serve section is read, so a serve-only file needs no data or model section. An
+    override of None means "not given" (the command-line flags pass None when left out).
+
+    Raises:
+        ConfigError: the file cannot be read, or a serve key or value is invalid.
+    """
+    section = load_config_tree(path).get("serve") if path is not None else None
+    section = dict(section) if isinstance(section, dict) else ({} if section is None else section)
+    if isinstance(section, dict):
+        section.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        return ServeConfig.model_validate(section)
+    except ValidationError as exc:
+        described = [_describe({**err, "loc": ("serve", *err["loc"])}, LorakitConfig) for err in exc.errors()]
+        raise _config_error(str(path) if path else "serve settings", described) from None
+
+
+def load_config_tree(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Read YAML and apply overrides, without validating."""
-    tree: dict = {}
+    tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if path.is_dir():
@@ -161,8 +186,8 @@ def _read_utf8(path: Path) -> str:
 class _WarnDuplicatesLoader(yaml.SafeLoader):
     """YAML keeps the last of two equal keys silently; say so, since one of them was a mistake."""
 
-    def construct_mapping(self, node, deep=False):
-        seen: set = set()
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[Hashable] = set()
         for key_node, _ in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
             if key is not None and key in seen:

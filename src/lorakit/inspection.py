@@ -15,16 +15,12 @@ def inspect_data(config: LorakitConfig, *, max_examples_per_split: int | None = 
     Raises:
         DataError, TemplateError, ModelError: the data, template or tokenizer cannot be loaded.
     """
-    from .models.loading import detect_task_type, load_tokenizer
-    from .prompting.templates import resolve_template
-    from .prompting.encoding import encode_examples, render_marked_example
-    from .data import load_splits
+    from .pipeline import prepare
+    from .prompting.encoding import render_marked_example
 
-    task_type = detect_task_type(config.model)
-    tokenizer = load_tokenizer(config.model)
-    splits = load_splits(config.data)
-    has_context = any(example.context for example in splits.train)
-    template = resolve_template(config.template, tokenizer, task_type, has_context=has_context)
+    # the splits, tokenizer and template as training sets them up; each split is encoded below
+    prepared = prepare(config, encode=False)
+    task_type, tokenizer, splits, template = prepared.task_type, prepared.tokenizer, prepared.splits, prepared.template
 
     lines = [
         f"data: {config.data.path}",
@@ -42,10 +38,7 @@ def inspect_data(config: LorakitConfig, *, max_examples_per_split: int | None = 
         examples = getattr(splits, name)[:max_examples_per_split]
         if not examples:
             continue
-        _, stats = encode_examples(
-            examples, template, tokenizer, max_length=config.template.max_length,
-            train_on_prompt=config.template.train_on_prompt, task_type=task_type,
-        )
+        _, stats = prepared.encode(examples)
         lines.append(f"--- {name} ---")
         lines.append(stats.summary())
     if splits.train:

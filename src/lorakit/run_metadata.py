@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .prompting.templates import Template
 
 
-def config_changes(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
     """{dotted key: (old, new)} for every value that differs between two config trees."""
     changes = {}
     for key in sorted(set(old) | set(new), key=str):
@@ -34,7 +34,7 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
     return changes
 
 
-def record_config_change(paths: RunPaths, step: int, changes: dict[str, tuple]) -> list[dict]:
+def record_config_change(paths: RunPaths, step: int, changes: dict[str, tuple[Any, Any]]) -> list[dict[str, Any]]:
     """Append a resume's accepted config change to config_changes.json; returns the whole history."""
     history = read_config_history(paths)
     history.append({
@@ -46,27 +46,28 @@ def record_config_change(paths: RunPaths, step: int, changes: dict[str, tuple]) 
     return history
 
 
-def read_config_history(paths: RunPaths) -> list[dict]:
+def read_config_history(paths: RunPaths) -> list[dict[str, Any]]:
     try:
-        return json.loads(paths.config_changes.read_text(encoding="utf-8"))
+        history: list[dict[str, Any]] = json.loads(paths.config_changes.read_text(encoding="utf-8"))
+        return history
     except (OSError, ValueError):
         return []
 
 
 def write_metadata(
-    adapter_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike[str],
     *,
-    base: dict,
+    base: dict[str, Any],
     task_type: str,
     template: "Template",
     precision: str,
-    system_prompt: Optional[str],
     max_length: int,
-    extra: Optional[dict] = None,
+    extra: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write `lorakit.json`: everything needed to use the adapter again without the config.
 
     `base` comes from models.identity.base_model_identity(): name_or_path, gguf_file, revision, sha256.
+    The system prompt is stored once, inside the template (Template.system).
     """
     metadata = {
         "lorakit_version": __version__,
@@ -80,7 +81,6 @@ def write_metadata(
         "task_type": task_type,
         "template": template.to_dict(),
         "precision": precision,
-        "system_prompt": system_prompt,
         "max_length": max_length,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -97,14 +97,18 @@ class RunInfo:
 
     root: Path
     adapter_dir: Optional[Path]
-    base: dict
+    base: dict[str, Any]
     task_type: str
     template: "Template"
     precision: str
-    system_prompt: Optional[str]
     max_length: int
     config: Optional["LorakitConfig"] = None
-    metadata: dict = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def system_prompt(self) -> Optional[str]:
+        """The run's default system prompt: the template's own (stored once, in lorakit.json's template)."""
+        return self.template.system
 
     @property
     def paths(self) -> RunPaths:
@@ -165,7 +169,7 @@ def _load_config(config_path: Path) -> Optional["LorakitConfig"]:
         ) from None
 
 
-def read_run(path: str | os.PathLike) -> RunInfo:
+def read_run(path: str | os.PathLike[str]) -> RunInfo:
     """Read a run folder, its adapter folder, or a merged model folder written by lorakit.
 
     Raises:
@@ -191,15 +195,34 @@ def read_run(path: str | os.PathLike) -> RunInfo:
             f"adapter folder '{adapter_dir}' has no {ADAPTER_WEIGHTS}.",
             hint="the save was interrupted; continue with `lorakit train CONFIG --resume` or retrain",
         )
+    config = _load_config(root / "config.yaml")
     return RunInfo(
         root=root,
         adapter_dir=adapter_dir,
         base=dict(metadata["base_model"]),
         task_type=metadata["task_type"],
-        template=Template.from_dict(metadata["template"]),
+        template=_stored_template(metadata, Template),
         precision=metadata.get("precision", "float32"),
-        system_prompt=metadata.get("system_prompt"),
-        max_length=int(metadata.get("max_length") or 1024),
-        config=_load_config(root / "config.yaml"),
+        max_length=int(metadata["max_length"]) if metadata.get("max_length") else _default_max_length(config),
+        config=config,
         metadata=metadata,
     )
+
+
+def _stored_template(metadata: dict[str, Any], template_type: type[Template]) -> Template:
+    """The run's template. lorakit 0.1.0 also wrote a top-level system_prompt beside the template's
+    own `system`; where the two differ, the top-level one is what its predictor used."""
+    template = template_type.from_dict(metadata["template"])
+    if metadata.get("system_prompt") is not None:
+        template.system = metadata["system_prompt"]
+    return template
+
+
+def _default_max_length(config: Optional["LorakitConfig"]) -> int:
+    """A lorakit.json without max_length: the run's config.yaml, else the config's own default."""
+    if config is not None:
+        return config.template.max_length
+    from .config import TemplateConfig
+
+    default: int = TemplateConfig.model_fields["max_length"].default
+    return default

@@ -87,7 +87,7 @@ def _jinja_string(text: Optional[str]) -> str:
     return "none" if text is None else json.dumps(text, ensure_ascii=False)
 
 
-def hf_chat_template(template, system_prompt: Optional[str] = None) -> str:
+def hf_chat_template(template) -> str:
     """Translate a lorakit Template into a transformers chat template with the same output.
 
     transformers passes `messages` (system turns included), `add_generation_prompt`, the special
@@ -96,7 +96,7 @@ def hf_chat_template(template, system_prompt: Optional[str] = None) -> str:
     prompt is the default; for a model's own chat template the system text and the passage are
     folded into the messages, as lorakit does before rendering it.
     """
-    default = system_prompt if system_prompt is not None else template.system
+    default = template.system  # the run's system prompt, stored once in its template
     prelude = (
         "{%- if context is not defined %}{% set context = none %}{% endif %}\n"
         "{%- set _own = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') | list %}\n"
@@ -173,32 +173,6 @@ def _prepare_out_dir(out: Path, info, overwrite: bool) -> None:
         )
 
 
-def _model_config(info):
-    """The run's model section, loaded unquantized (merging needs real 16/32-bit weights)."""
-    from ..config import ModelConfig
-
-    base = info.base
-    trust = bool(info.config.model.trust_remote_code) if info.config is not None else False
-    return ModelConfig(
-        name_or_path=base["name_or_path"], gguf_file=base.get("gguf_file"), revision=base.get("revision"),
-        task_type=info.task_type, precision="float32", quantization="none", trust_remote_code=trust,
-    )
-
-
-def _run_tokenizer(info, model_config):
-    """The tokenizer saved with the adapter (what training used), else the base model's."""
-    from transformers import AutoTokenizer
-
-    from ..models.loading import load_tokenizer
-
-    if info.adapter_dir is not None and (info.adapter_dir / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(info.adapter_dir))
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
-    return load_tokenizer(model_config)
-
-
 def merge_run(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -223,12 +197,11 @@ def merge_run(
         ModelError: the base model cannot be loaded or changed since training, or verification failed.
     """
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from ..files import atomic_write_json
-    from ..models.identity import check_base_revision, check_base_weights
-    from ..models.loading import load_base_model
+    from ..models.identity import check_base_weights
+    from ..pipeline import load_run
     from ..run_metadata import read_run, write_metadata
 
     started = time.perf_counter()
@@ -249,16 +222,13 @@ def merge_run(
             f"The run trained on a {quantization}-quantized base; merging into k-bit weights would lose quality, "
             "so the base is loaded unquantized in float32 and the adapter merged into that."
         )
-    model_config = _model_config(info)
-    tokenizer = _run_tokenizer(info, model_config)
+    # merging needs real weights: the base loads unquantized, in float32 (on the CPU unless told)
+    run = load_run(info, device=device or "cpu", dtype=torch.float32, quantize=False)
+    tokenizer, peft_model = run.tokenizer, run.model
     prompts = list(verify_inputs) if verify_inputs else verification_prompts(info)
-
-    base = load_base_model(model_config, info.task_type, dtype=torch.float32, device=device)
-    check_base_revision(info, base)
-    peft_model = PeftModel.from_pretrained(base, str(info.adapter_dir))
     reference = _logits(peft_model, tokenizer, prompts, info.task_type)
     merged = peft_model.merge_and_unload()
-    del peft_model
+    del peft_model, run
     merged = merged.to(torch_dtype)
     merged.config.dtype = torch_dtype
 
@@ -266,12 +236,12 @@ def merge_run(
     tmp = out.parent / f".{out.name}.merging-{uuid.uuid4().hex[:8]}"
     try:
         merged.save_pretrained(tmp)
-        del merged, base
-        tokenizer.chat_template = hf_chat_template(info.template, info.system_prompt)
+        del merged
+        tokenizer.chat_template = hf_chat_template(info.template)
         tokenizer.save_pretrained(tmp)
         write_metadata(
             tmp, base=dict(info.base), task_type=info.task_type, template=info.template, precision=dtype,
-            system_prompt=info.system_prompt, max_length=info.max_length,
+            max_length=info.max_length,
             extra={"merged_from": {"run": str(info.root.resolve()), "adapter": str(info.adapter_dir.resolve()),
                                    "dtype": dtype, "base_quantization_in_training": quantization}},
         )
@@ -289,8 +259,7 @@ def merge_run(
         floor = None
         if dtype != "float32":
             # what the precision alone costs: base + adapter, unmerged, run in the same dtype
-            unmerged = PeftModel.from_pretrained(
-                load_base_model(model_config, info.task_type, dtype=torch_dtype, device=device), str(info.adapter_dir))
+            unmerged = load_run(info, device=device or "cpu", dtype=torch_dtype, quantize=False).model
             floor = compare_logits(reference, _logits(unmerged, tokenizer, prompts, info.task_type), atol, rtol)
             del unmerged
             floor = floor["max_abs_diff"]

@@ -28,7 +28,12 @@ def _max_context(model, tokenizer, max_length: Optional[int]) -> int:
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and 0 < limit < 1_000_000:  # "no limit" is stored as a huge number
         return limit
-    return max_length or 2048
+    if max_length:
+        return max_length
+    from ..config import TemplateConfig
+
+    # neither the model nor a run states a limit: the one default for a sequence's length
+    return TemplateConfig.model_fields["max_length"].default
 
 
 class Predictor:
@@ -36,6 +41,7 @@ class Predictor:
 
     adapter_name: activated before each generation, so several adapters can share one base model.
     max_length: the run's training max_length; a prompt with a context is shortened to fit it.
+    The system prompt is the template's own (Template.system, stored once with the run).
     """
 
     def __init__(
@@ -46,7 +52,6 @@ class Predictor:
         *,
         task_type: str,
         name: str,
-        system_prompt: Optional[str] = None,
         adapter_name: Optional[str] = None,
         max_length: Optional[int] = None,
     ):
@@ -55,7 +60,6 @@ class Predictor:
         self.template = template
         self.task_type = task_type
         self.name = name
-        self.system_prompt = system_prompt
         self.adapter_name = adapter_name
         self.max_length = max_length
         self.max_context = _max_context(model, tokenizer, max_length)
@@ -66,7 +70,7 @@ class Predictor:
         """The rendered prompt text for a conversation (ending where the reply begins)."""
         from ..prompting.templates import render_prompt
 
-        return render_prompt(self.template, messages, context, self.system_prompt)
+        return render_prompt(self.template, messages, context)
 
     def count_tokens(self, text: str) -> int:
         return len(encode_prompt(self.tokenizer, text, self.task_type))
@@ -81,7 +85,7 @@ class Predictor:
         from ..prompting.encoding import encode_prompt as encode_conversation
 
         def build(text: Optional[str]) -> list[int]:
-            return encode_conversation(self.template, self.tokenizer, messages, text, self.system_prompt)
+            return encode_conversation(self.template, self.tokenizer, messages, text)
 
         budget = self.max_context - max_new_tokens
         if self.max_length:
@@ -221,23 +225,15 @@ def _is_plain_model(folder: Path) -> bool:
     )
 
 
-def _ensure_pad(tokenizer):
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked, so EOS can double as pad
-    return tokenizer
-
-
 def _load_plain(folder: Path, device: str) -> Predictor:
     """A model folder without lorakit.json: usable only with its own chat template."""
-    from transformers import AutoTokenizer
-
     from ..config import ModelConfig, TemplateConfig
-    from ..models.loading import detect_task_type, load_base_model
+    from ..models.loading import detect_task_type, load_base_model, load_tokenizer
     from ..models.precision import choose_precision
     from ..prompting.templates import resolve_template
 
     model_config = ModelConfig(name_or_path=str(folder))
-    tokenizer = _ensure_pad(AutoTokenizer.from_pretrained(str(folder)))
+    tokenizer = load_tokenizer(model_config)
     if not getattr(tokenizer, "chat_template", None):
         raise RunError(
             f"'{folder}' is a model folder without {METADATA_FILE}, and its tokenizer has no chat template,"
@@ -262,63 +258,21 @@ def load_predictor(path: str | os.PathLike, *, device: Optional[str] = None, ada
         RunError: not a lorakit run (see runs.read_run), or a plain model folder without a chat template.
         ModelError: the base model or tokenizer cannot be loaded.
     """
-    from transformers import AutoTokenizer
-
-    from ..config import ModelConfig
-    from ..models.identity import check_base_revision, check_base_weights
-    from ..models.loading import load_base_model, load_tokenizer
-    from ..models.precision import choose_precision, default_device
-    from ..run_metadata import read_run
+    from ..models.precision import default_device
+    from ..pipeline import load_run
 
     device = device or default_device()
     folder = Path(path)
     if _is_plain_model(folder):
         return _load_plain(folder, device)
-    info = read_run(folder)
-    config_model = info.config.model if info.config is not None else None
-    merged = info.is_merged and adapter  # the merged weights themselves, not the base they came from
-    if not merged:
-        check_base_weights(info)
-    # a QLoRA run loads its base quantized again where that can run; merged weights are plain
-    quantization = config_model.quantization if config_model is not None and not merged else "none"
-    if quantization != "none" and not device.startswith("cuda"):
-        quantization = "none"
-    model_config = ModelConfig(
-        name_or_path=str(info.root) if merged else info.base["name_or_path"],
-        gguf_file=None if merged else info.base.get("gguf_file"),
-        revision=None if merged else info.base.get("revision"),
-        task_type=info.task_type,
-        quantization=quantization,
-        trust_remote_code=bool(config_model.trust_remote_code) if config_model is not None else False,
-    )
-    # the tokenizer saved beside the adapter is the one training used
-    saved = info.adapter_dir if info.adapter_dir is not None else info.root
-    if (saved / "tokenizer_config.json").is_file():
-        tokenizer = _ensure_pad(AutoTokenizer.from_pretrained(str(saved)))
-    else:
-        tokenizer = load_tokenizer(model_config)
-    dtype, _ = choose_precision("auto", device)
-    model = load_base_model(model_config, info.task_type, dtype=dtype, device=None if quantization != "none" else device)
-    if not merged:
-        check_base_revision(info, model)
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if info.adapter_dir is not None and adapter:
-        import warnings
-
-        from peft import PeftModel
-
-        with warnings.catch_warnings():  # peft 0.21 calls an API transformers 5 deprecates; not the user's concern
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = PeftModel.from_pretrained(model, str(info.adapter_dir))
-    model.eval()
+    run = load_run(folder, device=device, adapter=adapter)
+    info = run.info
     return Predictor(
-        model,
-        tokenizer,
+        run.model,
+        run.tokenizer,
         info.template,
         task_type=info.task_type,
         name=info.root.resolve().name,
-        system_prompt=info.system_prompt,
         max_length=info.max_length,
     )
 

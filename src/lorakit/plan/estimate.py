@@ -36,24 +36,17 @@ def data_lengths(config: LorakitConfig, task_type: str) -> DataLengths:
     """
     import dataclasses
 
-    from ..data import load_splits
-    from ..models.loading import load_tokenizer
+    from ..pipeline import prepare
     from ..prompting.encoding import Dropped, encode_example
-    from ..prompting.templates import resolve_template
 
-    splits = load_splits(config.data)
-    train = splits.train
-    max_length = config.template.max_length
-    try:
-        tokenizer = load_tokenizer(config.model)
-    except ModelError as exc:
-        return DataLengths([], [], 1, len(train), f"tokenizer unavailable ({exc.message}): assumed every sequence is template.max_length={max_length}")
-    has_context = any(e.context for e in train)
-    template = resolve_template(config.template, tokenizer, task_type, has_context=has_context)
-    kw = dict(train_on_prompt=config.template.train_on_prompt, system=config.template.system_prompt, task_type=task_type)
+    prepared = prepare(config, encode=False, task_type=task_type, require_tokenizer=False)
+    train, max_length = prepared.splits.train, config.template.max_length
+    if prepared.tokenizer is None:
+        return DataLengths([], [], 1, len(train), f"tokenizer unavailable ({prepared.tokenizer_error}): assumed every sequence is template.max_length={max_length}")
+    template, tokenizer, kw = prepared.template, prepared.tokenizer, prepared.encode_options
     lengths, targets, safe_min, dropped = [], [], 1, 0
     for example in train:
-        encoded = encode_example(example, template, tokenizer, max_length=max_length, **kw)
+        encoded = encode_example(example, template, tokenizer, **kw)
         if isinstance(encoded, Dropped):
             dropped += 1
             continue
@@ -62,7 +55,7 @@ def data_lengths(config: LorakitConfig, task_type: str) -> DataLengths:
             targets.append(len(encoded.labels))
         bare = encoded
         if example.context:  # the context can be shortened; question and answer cannot
-            bare = encode_example(dataclasses.replace(example, context=None), template, tokenizer, max_length=max_length, **kw)
+            bare = encode_example(dataclasses.replace(example, context=None), template, tokenizer, **kw)
         if not isinstance(bare, Dropped):
             safe_min = max(safe_min, len(bare.labels) if task_type == "seq2seq" else len(bare.input_ids))
     note = f"lengths from tokenizing the {len(lengths)} training examples (max_length {max_length})"

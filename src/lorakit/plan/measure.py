@@ -12,6 +12,9 @@ import time
 import weakref
 from dataclasses import dataclass
 
+from ..config import LoraConfig, TrainConfig
+from .memory import config_default
+
 class TensorMemoryTracker:
     """A dispatch mode that tracks live tensor storage bytes and their peak, on any device.
 
@@ -77,10 +80,10 @@ def measure_lora_step(
     *,
     micro_batch: int,
     seq_len: int,
-    lora_r: int = 16,
-    lora_dropout: float = 0.05,
-    target_modules="auto",
-    gradient_checkpointing: bool = False,
+    lora_r: int = config_default(LoraConfig, "r"),
+    lora_dropout: float = config_default(LoraConfig, "dropout"),
+    target_modules=config_default(LoraConfig, "target_modules"),
+    gradient_checkpointing: bool = config_default(TrainConfig, "gradient_checkpointing"),
     attn: str = "sdpa",
     steps: int = 2,
     timed_steps: int = 1,
@@ -92,7 +95,6 @@ def measure_lora_step(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..config import LoraConfig
     from ..models.lora import apply_lora
 
     hf_config._attn_implementation = attn

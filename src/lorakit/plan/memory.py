@@ -21,7 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..config import LoraConfig, ModelConfig, TrainConfig
 from .shape import ModelShape
+
+
+def config_default(section: type, key: str):
+    """A config value's one default (config.py), for the parameters below that mirror a config key:
+    a caller that leaves one out gets what a config that leaves it out gets."""
+    return section.model_fields[key].default
 
 GIB = 1024**3
 
@@ -162,15 +169,15 @@ def estimate_step_memory(
     micro_batch: int,
     seq_len: int,
     target_len: Optional[int] = None,
-    lora_r: int = 16,
-    lora_dropout: float = 0.05,
-    target_modules="auto",
-    use_dora: bool = False,
-    quantization: str = "none",
+    lora_r: int = config_default(LoraConfig, "r"),
+    lora_dropout: float = config_default(LoraConfig, "dropout"),
+    target_modules=config_default(LoraConfig, "target_modules"),
+    use_dora: bool = config_default(LoraConfig, "use_dora"),
+    quantization: str = config_default(ModelConfig, "quantization"),
     weight_bytes_per_param: int = 4,
     act_bytes: int = 4,
-    optimizer: str = "adamw_torch",
-    gradient_checkpointing: bool = False,
+    optimizer: str = config_default(TrainConfig, "optimizer"),
+    gradient_checkpointing: bool = config_default(TrainConfig, "gradient_checkpointing"),
     attn: str = "sdpa",
     device: str = "cpu",
 ) -> MemoryEstimate:

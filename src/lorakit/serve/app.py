@@ -25,7 +25,8 @@ from contextlib import asynccontextmanager
 from typing import Callable, Optional
 
 from ..errors import LorakitError, ModelError, ServeError, require
-from .guard import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, _Guard, _log
+from ..config import ServeConfig
+from .guard import API_KEY_ENV, _Guard, _log
 from .schemas import (
     APIError,
     ChatCompletionRequest,
@@ -179,17 +180,22 @@ class _Server:
         return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(job.cancel))
 
 
-def create_app(paths: list[str], *, api_key: Optional[str] = None, max_tokens_limit: int = 512,
-               max_batch_size: int = 8, max_wait_ms: float = 10.0, device: Optional[str] = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+def create_app(paths: list[str], settings: Optional[ServeConfig] = None, *, device: Optional[str] = None, **overrides):
     """The FastAPI app serving `paths` (run folders, adapter folders, merged folders, or NAME=PATH).
 
-    api_key: when set (or $LORAKIT_API_KEY), every path but /health requires
-    `Authorization: Bearer <key>`, /docs and /openapi.json included.
-    max_body_bytes: larger request bodies get a 413 before they are parsed.
+    Args:
+        paths: the folders to serve.
+        settings: the serve settings (config.ServeConfig, e.g. from config_loading.load_serve_config);
+            None: ServeConfig's defaults.
+        device: where the models load (default: the best available).
+        overrides: ServeConfig fields replacing those of `settings` (max_tokens_limit=64, ...).
+            api_key, when set (or $LORAKIT_API_KEY), is required as `Authorization: Bearer <key>`
+            on every path but /health, /docs and /openapi.json included; a request body over
+            max_body_bytes gets a 413 before it is parsed.
 
     Raises:
         MissingExtraError: fastapi is not installed.
+        ConfigError: an override is not a valid serve setting.
         ServeError, RunError, ModelError: a model cannot be served.
     """
     require("fastapi", "serve", "Serving a model")
@@ -197,8 +203,10 @@ def create_app(paths: list[str], *, api_key: Optional[str] = None, max_tokens_li
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
-    state = _Server(load_models(paths, device=device), BatchWorker(max_batch_size, max_wait_ms), max_tokens_limit)
+    settings = _settings(settings, overrides)
+    api_key = settings.api_key if settings.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    worker = BatchWorker(settings.max_batch_size, settings.max_wait_ms)
+    state = _Server(load_models(paths, device=device), worker, settings.max_tokens_limit)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -213,7 +221,7 @@ def create_app(paths: list[str], *, api_key: Optional[str] = None, max_tokens_li
 
     app = FastAPI(title="lorakit", lifespan=lifespan)
     app.state.lorakit = state
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=settings.max_body_bytes)
 
     def log_line(request: Request, status: int, model: str = "-", tokens_in: int = 0, tokens_out: int = 0) -> None:
         _log(request.method, request.url.path, status, request.state.started, model, tokens_in, tokens_out)
@@ -309,23 +317,34 @@ def create_app(paths: list[str], *, api_key: Optional[str] = None, max_tokens_li
     return app
 
 
-def run_server(paths: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
-               *, max_tokens_limit: int = 512, max_batch_size: int = 8, max_wait_ms: float = 10.0,
-               device: Optional[str] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
-    """Load the models and serve them with uvicorn until interrupted.
+def run_server(paths: list[str], settings: Optional[ServeConfig] = None, *, device: Optional[str] = None,
+               **overrides) -> None:
+    """Load the models and serve them with uvicorn (at settings.host:settings.port) until interrupted.
+
+    Args: as create_app.
 
     Raises:
         MissingExtraError: fastapi or uvicorn is not installed.
+        ConfigError: an override is not a valid serve setting.
         ServeError: the port is taken, or a model cannot be served.
     """
     uvicorn = require("uvicorn", "serve", "Serving a model")
+    settings = _settings(settings, overrides)
+    host, port = settings.host, settings.port
     _check_port(host, port)  # before minutes of model loading, not after
-    app = create_app(paths, api_key=api_key, max_tokens_limit=max_tokens_limit, max_batch_size=max_batch_size,
-                     max_wait_ms=max_wait_ms, device=device, max_body_bytes=max_body_bytes)
+    app = create_app(paths, settings, device=device)
     names = ", ".join(app.state.lorakit.models)
-    key_note = "an API key is required" if (api_key or os.environ.get(API_KEY_ENV)) else "no API key"
+    key_note = "an API key is required" if (settings.api_key or os.environ.get(API_KEY_ENV)) else "no API key"
     print(f"Serving {names} at http://{host}:{port}/v1 ({key_note}); Ctrl+C stops.", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _settings(settings: Optional[ServeConfig], overrides: dict) -> ServeConfig:
+    """`settings` (default: ServeConfig's defaults) with `overrides` applied, validated again."""
+    from ..config_loading import load_serve_config
+
+    base = (settings or ServeConfig()).model_dump()
+    return load_serve_config(None, **{**base, **overrides})
 
 
 def _check_port(host: str, port: int) -> None:

@@ -11,7 +11,6 @@ from .schemas import (
 
 logger = logging.getLogger("lorakit.serve")
 API_KEY_ENV = "LORAKIT_API_KEY"
-DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
 
 def _too_large(limit: int) -> APIError:

@@ -81,7 +81,7 @@ class _StreamWatch(StoppingCriteria):
 class BatchWorker:
     """Owns the models: every generation happens on its thread, one batch at a time."""
 
-    def __init__(self, max_batch_size: int = 8, max_wait_ms: float = 10.0):
+    def __init__(self, max_batch_size: int, max_wait_ms: float):  # config.ServeConfig owns the defaults
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.batch_sizes: collections.Counter = collections.Counter()  # prompts per generate call
@@ -257,6 +257,7 @@ def load_models(specs: list[str], *, device: Optional[str] = None) -> dict[str, 
         RunError / ModelError: a folder is not a usable run, or its model cannot be loaded.
     """
     from ..inference.predictor import Predictor, load_predictor
+    from ..pipeline import run_tokenizer
     from ..run_metadata import read_run
 
     if not specs:
@@ -284,23 +285,10 @@ def load_models(specs: list[str], *, device: Optional[str] = None) -> dict[str, 
             adapter_name = f"served_{len(served)}"  # model ids may hold '.', which peft names may not
             host.model.load_adapter(str(info.adapter_dir), adapter_name=adapter_name)
             predictor = Predictor(
-                host.model, _run_tokenizer(info.adapter_dir, host.tokenizer), info.template,
-                task_type=info.task_type, name=name, system_prompt=info.system_prompt,
-                adapter_name=adapter_name, max_length=info.max_length,
+                host.model, run_tokenizer(info, fallback=host.tokenizer), info.template,
+                task_type=info.task_type, name=name, adapter_name=adapter_name, max_length=info.max_length,
             )
             logger.info("model %s shares the base weights already loaded for %s", name, host.name)
         served[name] = ServedModel(name=name, predictor=predictor, base=_public_name(info.base.get("name_or_path")),
                                    created=int(Path(path).stat().st_mtime))
     return served
-
-
-def _run_tokenizer(adapter_dir: Path, fallback):
-    """The tokenizer saved beside an adapter (the one its training used), else the host's."""
-    if not (adapter_dir / "tokenizer_config.json").is_file():
-        return fallback
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer

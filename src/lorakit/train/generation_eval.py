@@ -57,7 +57,7 @@ def make_generation_eval(
         model.eval()
         predictor = Predictor(
             model, tokenizer, template, task_type=task_type, name="validation",
-            system_prompt=config.template.system_prompt, max_length=config.template.max_length,
+            max_length=config.template.max_length,  # the system prompt is the template's own
         )
         try:
             _, metrics = score_examples(

@@ -153,46 +153,30 @@ def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_l
     """Setup -> train -> save into `paths` (see _train)."""
     from transformers import EarlyStoppingCallback, set_seed
 
-    from ..data import load_splits
-    from ..models.loading import (
-        check_quantization,
-        detect_task_type,
-        load_base_model,
-        load_tokenizer,
-    )
+    from ..models.loading import check_quantization, load_base_model
     from ..models.lora import apply_lora, trainable_summary
     from ..models.precision import choose_precision, default_device
+    from ..pipeline import prepare
     from ..prompting.collation import PaddingCollator
-    from ..prompting.encoding import encode_examples
-    from ..prompting.templates import resolve_template
 
     tc = config.train
     resume = checkpoint is not None
     # setup: everything that can fail on user input fails here, before any weights load
     device = default_device()
     check_quantization(config.model)
-    task_type = detect_task_type(config.model)
     dtype, precision = choose_precision(config.model.precision, device)
-    tokenizer = load_tokenizer(config.model)
-    splits = load_splits(config.data)
-    has_context = any(example.context for example in splits.train)
-    template = resolve_template(config.template, tokenizer, task_type, has_context=has_context)
-    encode = dict(
-        max_length=config.template.max_length,
-        train_on_prompt=config.template.train_on_prompt,
-        task_type=task_type,
-    )
-    train_features, stats = encode_examples(splits.train, template, tokenizer, **encode)
+    prepared = prepare(config)
+    task_type, tokenizer, splits, template = prepared.task_type, prepared.tokenizer, prepared.splits, prepared.template
+    train_features, stats = prepared.train_features, prepared.train_stats
     console.print(f"[bold]train data[/bold] ({splits.format}, split by {splits.split_by}): {stats.summary()}")
     if not train_features:
         raise DataError(
             f"{config.data.path}: every training record was dropped while tokenizing ({stats.dropped[0][1]}).",
             hint="raise template.max_length, or check the records named above",
         )
-    eval_features = []
-    if splits.validation:
-        eval_features, eval_stats = encode_examples(splits.validation, template, tokenizer, **encode)
-        console.print(f"[bold]validation data[/bold]: {eval_stats.summary().splitlines()[0]}")
+    eval_features = prepared.validation_features
+    if prepared.validation_stats is not None:
+        console.print(f"[bold]validation data[/bold]: {prepared.validation_stats.summary().splitlines()[0]}")
 
     set_seed(tc.seed)  # the LoRA initialisation is random too
     model = load_base_model(config.model, task_type, dtype=dtype, device=None)
@@ -292,7 +276,6 @@ def _save(trainer, config, paths: RunPaths, tokenizer, template, task_type, prec
         task_type=task_type,
         template=template,
         precision=precision,
-        system_prompt=config.template.system_prompt,
         max_length=config.template.max_length,
         extra={
             "train_examples": n_train,
