@@ -19,10 +19,10 @@ import warnings
 import torch
 from transformers import AutoConfig, LlamaConfig
 
+from lorakit.plan.devices import GpuSpec, cpu_rates, step_time
 from lorakit.plan.measure import measure_lora_step
 from lorakit.plan.memory import estimate_step_memory, fmt_bytes, lora_modules, lora_param_count
 from lorakit.plan.shape import read_model_shape
-from lorakit.plan.devices import GpuSpec, cpu_rates, step_time
 
 warnings.filterwarnings("ignore")
 

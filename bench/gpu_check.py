@@ -23,8 +23,8 @@ from pathlib import Path
 def run_once(model: str, data: str, quantization: str, steps: int, out: Path) -> dict:
     import torch
 
-    from lorakit.runs import read_metrics
     from lorakit.config_loading import validate_config
+    from lorakit.runs import read_metrics
     from lorakit.train.recipe import train
 
     config = validate_config({

@@ -314,8 +314,7 @@ def test_unparseable_structured_answers_cell(tmp_path):
 
 
 def test_squad_answer_offsets_are_repaired_and_counted(tmp_path):
-    from lorakit.data.converters import ANSWER_NOT_IN_CONTEXT, ANSWER_START_FIXED
-    from lorakit.data.converters import _check_starts
+    from lorakit.data.converters import ANSWER_NOT_IN_CONTEXT, ANSWER_START_FIXED, _check_starts
 
     context = "A cat sat. The cat ran. A dog slept."
     qas = [

@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 
-from lorakit.runs import read_metrics
 from lorakit.config_loading import load_config
+from lorakit.runs import read_metrics
 from lorakit.train.distributed import torchrun_command
 from lorakit.train.recipe import train
 
@@ -63,7 +63,7 @@ def test_nproc_command_runs_the_same_entry_point(tmp_path):
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nproc_per_node=3" in command
     assert command[command.index("lorakit.cli") + 1] == "train"
-    assert command[-1] == "--resume" and ["--set", "a.b=1"] == command[-3:-1]
+    assert command[-1] == "--resume" and command[-3:-1] == ["--set", "a.b=1"]
 
 
 def test_shipped_accelerate_configs_are_valid():

@@ -102,8 +102,8 @@ def test_eval_on_a_data_file_and_a_merged_folder(trained, tmp_path):
     assert merged.passed
     via_merged = evaluate_path(tmp_path / "merged", data=str(data), max_examples=2, out_dir=tmp_path / "m",
                                compare_base=True, verbose=False)
-    assert [l["prediction"] for l in _lines(tmp_path / "m" / "predictions.jsonl")] == \
-        [l["prediction"] for l in _lines(tmp_path / "a" / "predictions.jsonl")]
+    assert [row["prediction"] for row in _lines(tmp_path / "m" / "predictions.jsonl")] == \
+        [row["prediction"] for row in _lines(tmp_path / "a" / "predictions.jsonl")]
     assert via_merged["adapter"]["f1"] == pytest.approx(adapter["adapter"]["f1"])
     assert via_merged["base"] is not None  # the base it was merged from, same template
 
@@ -157,7 +157,7 @@ def test_score_jsonl_predictions(squad_file, tmp_path):
     result = score_predictions(predictions, squad_file, verbose=False)
     assert result["adapter"]["exact_match"] == 100.0
     lines = _lines(tmp_path / "preds-eval" / "predictions.jsonl")
-    assert {l["id"]: l["prediction"] for l in lines} == {"a1": "paris", "a2": "Blue.", "a3": "France"}
+    assert {row["id"]: row["prediction"] for row in lines} == {"a1": "paris", "a2": "Blue.", "a3": "France"}
 
 
 def test_score_mismatched_ids_are_named(squad_file, tmp_path):

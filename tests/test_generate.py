@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from lorakit.inference.decoding import encode_prompt, generate_batched, stream_generate
 from lorakit.evaluate.answers import extract_answer
 from lorakit.evaluate.perplexity import reference_perplexity
+from lorakit.inference.decoding import encode_prompt, generate_batched, stream_generate
 
 PROMPTS = [
     "### Question: What is the capital of France?\n### Answer:",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from lorakit.runs import read_metrics
 from lorakit.config_loading import validate_config
+from lorakit.runs import read_metrics
 from lorakit.train.recipe import train
 
 COLOURS = ["sky", "sea", "ink", "jeans", "sapphire", "cobalt", "lake", "ocean", "bluebird", "iris", "denim", "navy"]

@@ -5,11 +5,11 @@ from unittest import mock
 import pytest
 import torch
 
-from lorakit.models import identity as base_identity
-from lorakit.models import lora, precision
-from lorakit.models import loading as modeling
 from lorakit.config import LoraConfig, ModelConfig
 from lorakit.errors import ModelError
+from lorakit.models import identity as base_identity
+from lorakit.models import loading as modeling
+from lorakit.models import lora, precision
 
 
 def test_detect_task_type_from_config_and_override(tiny_llama_dir, tiny_t5_dir):

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
+from lorakit.cli_commands import generate_command
 from lorakit.config_loading import validate_config
 from lorakit.evaluate.runner import evaluate_path
 from lorakit.export.merge import merge_run
-from lorakit.cli_commands import generate_command
 from lorakit.inference.predictor import load_predictor
 from lorakit.train.recipe import train
 
@@ -85,7 +85,7 @@ def test_seq2seq_merge_equals_adapter_and_serves(t5_run, tmp_path):
     exact = _logits(copy.deepcopy(adapter.model).double(), adapter)
     noise = (_logits(adapter.model, adapter) - exact).abs().max().item()
     error = (_logits(merged.model, adapter) - exact).abs().max().item()
-    assert 0 < noise and error <= 4 * noise, (error, noise)
+    assert noise > 0 and error <= 4 * noise, (error, noise)
     assert merged.task_type == "seq2seq" and not merged.has_adapter
     for question, answer in QA:
         assert generate_command(str(tmp_path / "merged"), question) == answer

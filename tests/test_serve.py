@@ -10,15 +10,14 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
+from lorakit.cli_commands import generate_command
 from lorakit.config_loading import validate_config
 from lorakit.errors import ServeError
-from lorakit.cli_commands import generate_command
 from lorakit.serve.app import create_app
 
 openai = pytest.importorskip("openai")

@@ -16,7 +16,6 @@ import time
 
 import httpx
 import pytest
-
 from test_serve import app, runs, server  # noqa: F401  (module fixtures: a trained run served live)
 
 openai = pytest.importorskip("openai")

@@ -3,7 +3,7 @@ from transformers import AutoTokenizer
 
 from lorakit.config import TemplateConfig
 from lorakit.data.example import Example
-from lorakit.prompting.templates import render_prompt, resolve_template
+from lorakit.prompting.collation import PaddingCollator
 from lorakit.prompting.encoding import (
     Dropped,
     Encoded,
@@ -13,7 +13,7 @@ from lorakit.prompting.encoding import (
     length_percentiles,
     render_marked_example,
 )
-from lorakit.prompting.collation import PaddingCollator
+from lorakit.prompting.templates import render_prompt, resolve_template
 
 IGNORE = -100
 

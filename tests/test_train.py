@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from lorakit.config_loading import validate_config
 from lorakit.errors import ConfigError, ModelError, RunError
-from lorakit.runs import RunPaths, run_dir_for
-from lorakit.run_metadata import read_run
 from lorakit.prompting.templates import render_prompt
+from lorakit.run_metadata import read_run
+from lorakit.runs import RunPaths, run_dir_for
 from lorakit.train.recipe import TrainingInterrupted, train
 
 QA = [

@@ -39,7 +39,7 @@ class CleanReport:
     def total(self) -> int:
         return self.kept + len(self.dropped)
 
-    def merge(self, other: "CleanReport") -> "CleanReport":
+    def merge(self, other: CleanReport) -> CleanReport:
         return CleanReport(
             kept=self.kept + other.kept, dropped=self.dropped + other.dropped, repaired=self.repaired + other.repaired
         )

@@ -5,12 +5,11 @@ from __future__ import annotations
 import ast
 import json
 import math
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import DataError
 from .example import Example
 from .loaders import RawData
-
 
 # Counted in the cleaning report: SQuAD answers whose answer_start did not point at their text.
 ANSWER_START_FIXED = "answer_start corrected to where the answer occurs"
@@ -49,7 +48,7 @@ def _keys(records: list[dict]) -> dict[str, str]:
     return keys
 
 
-def _pick(keys: dict[str, str], candidates: tuple[str, ...]) -> Optional[str]:
+def _pick(keys: dict[str, str], candidates: tuple[str, ...]) -> str | None:
     for name in candidates:
         if name in keys:
             return keys[name]
@@ -124,11 +123,11 @@ def _convert_squad(raw: RawData, no_answer: str) -> list[Example]:
     return examples
 
 
-def _check_starts(raw: RawData, context: str, texts: list[str], starts: list) -> list[Optional[int]]:
+def _check_starts(raw: RawData, context: str, texts: list[str], starts: list) -> list[int | None]:
     """SQuAD answer offsets, repaired where they do not point at the answer text: the start of
     the occurrence of the text nearest the given offset. Counts what was fixed (or could not be)
     in raw.counts, for the cleaning report; returns the corrected offsets."""
-    fixed: list[Optional[int]] = []
+    fixed: list[int | None] = []
     for text, start in zip(texts, starts):
         if not isinstance(start, int) or isinstance(start, bool) or not text:
             fixed.append(start if isinstance(start, int) else None)
@@ -146,7 +145,7 @@ def _check_starts(raw: RawData, context: str, texts: list[str], starts: list) ->
     return fixed
 
 
-def _resolve_columns(raw: RawData, records: list[dict], fmt: str, column_map: dict) -> dict[str, Optional[str]]:
+def _resolve_columns(raw: RawData, records: list[dict], fmt: str, column_map: dict) -> dict[str, str | None]:
     """Canonical field -> the record key that holds it: column_map first, then known aliases."""
     unknown = [name for name in column_map if name not in COLUMN_FIELDS]
     if unknown:
@@ -155,7 +154,7 @@ def _resolve_columns(raw: RawData, records: list[dict], fmt: str, column_map: di
             hint=f"its keys are canonical fields: {', '.join(COLUMN_FIELDS)}; its values are your column names",
         )
     keys = _keys(records)
-    columns: dict[str, Optional[str]] = {}
+    columns: dict[str, str | None] = {}
     for name in COLUMN_FIELDS:
         if name in column_map:
             wanted = str(column_map[name])
@@ -181,7 +180,7 @@ def _resolve_columns(raw: RawData, records: list[dict], fmt: str, column_map: di
     return columns
 
 
-def _parse_answers(value: Any, where: str, field: str, structured: bool) -> Optional[list[str]]:
+def _parse_answers(value: Any, where: str, field: str, structured: bool) -> list[str] | None:
     """Reference answers from a str, a list, or a SQuAD answers dict; None when the cell is empty.
 
     `structured` also parses strings that hold a JSON / Python list or dict (CSV exports of
@@ -213,8 +212,8 @@ def _convert_table(raw: RawData, records: list[dict], fmt: str, column_map: dict
     for index, record in enumerate(records):
         where = raw.where(index)
 
-        def field(name: str) -> str:
-            return _text(record.get(columns[name]), where, columns[name]) if columns[name] else ""
+        def field(name: str) -> str:  # called only within this iteration, so the loop variables are current
+            return _text(record.get(columns[name]), where, columns[name]) if columns[name] else ""  # noqa: B023
 
         cell = record.get(columns["answer"])
         answers = _parse_answers(cell, where, columns["answer"], structured)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 ROLES = ("system", "user", "assistant")
 
@@ -24,11 +23,11 @@ class Example:
     """
 
     messages: list[dict]
-    context: Optional[str] = None
+    context: str | None = None
     answers: list[str] = field(default_factory=list)
     id: str = ""
     source: str = ""
-    group: Optional[str] = None
+    group: str | None = None
     is_impossible: bool = False
 
     @property
@@ -64,7 +63,7 @@ class Example:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Example":
+    def from_dict(cls, data: dict) -> Example:
         return cls(
             messages=list(data["messages"]),
             context=data.get("context"),

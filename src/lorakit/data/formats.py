@@ -8,7 +8,7 @@ columns (any table, through `column_map`).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import DataError
 from .converters import (
@@ -103,7 +103,7 @@ def _unknown(raw: RawData, keys, top_level: bool = False) -> DataError:
 # --- conversion ----------------------------------------------------------------------------
 
 
-def to_examples(raw: RawData, fmt: str, *, column_map: Optional[dict] = None, no_answer: str = "unanswerable") -> list[Example]:
+def to_examples(raw: RawData, fmt: str, *, column_map: dict | None = None, no_answer: str = "unanswerable") -> list[Example]:
     """Convert every record of `raw` in format `fmt` to an `Example`.
 
     Raises:

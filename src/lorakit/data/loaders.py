@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import DataError
 from ..files import wide_encoding
@@ -49,7 +49,7 @@ class RawData:
     path: str
     name: str
     kind: str
-    lines: Optional[list[int]] = field(default=None)
+    lines: list[int] | None = field(default=None)
     counts: Counter = field(default_factory=Counter)  # records repaired while converting, by what
 
     @property
@@ -136,7 +136,7 @@ class _DuplicateKeys:
         return result
 
 
-def _loads(text: str, path: Path, line: Optional[int] = None) -> Any:
+def _loads(text: str, path: Path, line: int | None = None) -> Any:
     """json.loads with one-line errors for what the json module reports as Python exceptions.
 
     line: the line of `text` in the file (JSON Lines), for messages.
@@ -155,7 +155,7 @@ def _loads(text: str, path: Path, line: Optional[int] = None) -> Any:
         if isinstance(exc, json.JSONDecodeError) or "digits" not in str(exc):
             raise
         # Python refuses to convert integers longer than sys.get_int_max_str_digits()
-        match = re.search(r"\d{%d,}" % (sys.get_int_max_str_digits() + 1), text)
+        match = re.search(r"\d{%d,}" % (sys.get_int_max_str_digits() + 1), text)  # noqa: UP031 (regex braces)
         number_line = (line or 1) + (text.count("\n", 0, match.start()) if match else 0)
         raise DataError(
             f"{path}: line {number_line} holds a number with more than {sys.get_int_max_str_digits()} digits.",

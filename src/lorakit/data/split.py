@@ -8,8 +8,9 @@ goes to the split furthest below its target record count.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import DataError
 from .example import Example

@@ -76,8 +76,8 @@ def run_demo(workdir: str | Path = "runs/demo", quick: bool = False) -> dict:
         LorakitError: anything the pipeline stages raise.
     """
     from ..evaluate.runner import evaluate_path
-    from .hubless import ensure_smollm2
     from ..train.recipe import train
+    from .hubless import ensure_smollm2
 
     times: dict[str, float] = {}
     started = time.perf_counter()

@@ -18,11 +18,11 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from itertools import count
 from pathlib import Path
-from typing import Iterator, Optional
 
 from ..errors import EvalError
 from ..files import atomic_write_json
@@ -31,7 +31,7 @@ INDEX = "index.json"
 HEADLINE = ("exact_match", "f1", "rougeL", "bleu", "never_stops_rate", "perplexity")
 
 
-def label_for(split: str, data: Optional[str]) -> str:
+def label_for(split: str, data: str | None) -> str:
     """The first part of an evaluation's folder name: the split, or the data file's name."""
     if data is None:
         return split
@@ -66,7 +66,7 @@ def staging(parent: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish_new(tmp: Path, eval_root: Path, label: str, now: Optional[datetime] = None) -> Path:
+def publish_new(tmp: Path, eval_root: Path, label: str, now: datetime | None = None) -> Path:
     """Rename the finished folder to eval_root/<label>-<UTC time>[-N]/, a name no one else holds.
 
     A rename onto a folder that already has content fails, so two evaluations finishing in the
@@ -109,7 +109,7 @@ def publish_to(tmp: Path, out: Path) -> Path:
 def _entry(folder: str, summary: dict) -> dict:
     about = summary.get("evaluation") or {}
 
-    def headline(metrics: Optional[dict]) -> Optional[dict]:
+    def headline(metrics: dict | None) -> dict | None:
         return {key: metrics.get(key) for key in HEADLINE} if isinstance(metrics, dict) else None
 
     return {
@@ -147,7 +147,7 @@ def write_index(eval_root: Path, latest: str) -> Path:
     return atomic_write_json(eval_root / INDEX, {"latest": latest, "evaluations": list_evaluations(eval_root)})
 
 
-def latest_evaluation(eval_root: Path) -> Optional[Path]:
+def latest_evaluation(eval_root: Path) -> Path | None:
     """The folder of the newest evaluation recorded in eval/index.json (None if there is none)."""
     try:
         latest = json.loads((eval_root / INDEX).read_text(encoding="utf-8")).get("latest")

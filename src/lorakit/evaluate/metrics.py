@@ -31,7 +31,7 @@ import re
 import string
 import unicodedata
 from collections import Counter
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 from ..errors import EvalError
 
@@ -102,7 +102,7 @@ def _needs_unicode_rules(text: str) -> bool:
     return False
 
 
-def _use_unicode_rules(lang: Optional[str], texts: Iterable[str]) -> bool:
+def _use_unicode_rules(lang: str | None, texts: Iterable[str]) -> bool:
     if lang is None:
         return any(_needs_unicode_rules(text) for text in texts)
     return lang.lower().replace("_", "-").split("-")[0] != "en"
@@ -120,7 +120,7 @@ def _normalize(text: str, unicode_rules: bool) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
-def normalize_answer(text: str, lang: Optional[str] = None) -> str:
+def normalize_answer(text: str, lang: str | None = None) -> str:
     """Normalize an answer for EM/F1 (see the module docstring for both rule sets)."""
     return _normalize(text, _use_unicode_rules(lang, [text]))
 
@@ -154,7 +154,7 @@ def _token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _em_f1(prediction: str, references: Sequence[str], no_answer: str, lang: Optional[str],
+def _em_f1(prediction: str, references: Sequence[str], no_answer: str, lang: str | None,
            where: str = "example") -> tuple[float, float]:
     """(EM, F1) on 0..1, the best over the references, as the SQuAD v1.1 script computes them.
 
@@ -173,7 +173,7 @@ def _em_f1(prediction: str, references: Sequence[str], no_answer: str, lang: Opt
 
 
 def exact_match(prediction: str, references: Sequence[str], *, no_answer: str = "unanswerable",
-                lang: Optional[str] = None) -> float:
+                lang: str | None = None) -> float:
     """1.0 if the normalized prediction equals a normalized reference, else 0.0.
 
     With `references == []` (unanswerable) it is 1.0 iff the prediction is empty or `no_answer`.
@@ -182,13 +182,13 @@ def exact_match(prediction: str, references: Sequence[str], *, no_answer: str = 
 
 
 def f1_score(prediction: str, references: Sequence[str], *, no_answer: str = "unanswerable",
-             lang: Optional[str] = None) -> float:
+             lang: str | None = None) -> float:
     """Token-level F1 (0..1) of the normalized prediction, the best over the references."""
     return _em_f1(prediction, references, no_answer, lang)[1]
 
 
 def score_example(prediction: str, references: Sequence[str], *, no_answer: str = "unanswerable",
-                  lang: Optional[str] = None) -> dict:
+                  lang: str | None = None) -> dict:
     """{"exact_match": 0 or 100, "f1": 0..100} for one example."""
     exact, f1 = _em_f1(prediction, references, no_answer, lang)
     return {"exact_match": 100.0 * exact, "f1": 100.0 * f1}
@@ -313,8 +313,8 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def corpus_metrics(predictions: Sequence[str], references_list: Sequence[Sequence[str]], *,
-                   no_answer: str = "unanswerable", finish_reasons: Optional[Sequence[str]] = None,
-                   bleu_tokenize: str = "auto", lang: Optional[str] = None) -> dict:
+                   no_answer: str = "unanswerable", finish_reasons: Sequence[str] | None = None,
+                   bleu_tokenize: str = "auto", lang: str | None = None) -> dict:
     """Every metric for a set of predictions, on 0..100 scales.
 
     Returns n, exact_match, f1, rouge1, rouge2, rougeL, bleu, bleu_tokenize, never_stops_rate

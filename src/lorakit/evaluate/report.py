@@ -19,9 +19,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from ..errors import EvalError
 from ..files import atomic_write_json, atomic_write_text
@@ -55,7 +56,7 @@ def _check_records(records: Sequence[dict], name: str) -> None:
                 )
 
 
-def _check_means(records: Sequence[dict], metrics: Optional[dict], name: str) -> None:
+def _check_means(records: Sequence[dict], metrics: dict | None, name: str) -> None:
     """Refuse to write a report whose headline numbers the predictions do not imply."""
     if not metrics:
         return
@@ -66,7 +67,7 @@ def _check_means(records: Sequence[dict], metrics: Optional[dict], name: str) ->
                 raise ValueError(f"{name} metrics say {key}={metrics[key]} but the records average {mean}")
 
 
-def _pair(records: Sequence[dict], base_records: Optional[Sequence[dict]]) -> list[tuple[dict, Optional[dict]]]:
+def _pair(records: Sequence[dict], base_records: Sequence[dict] | None) -> list[tuple[dict, dict | None]]:
     """Match each record with the base model's record for the same example: by id when every
     record has a distinct id, else by position."""
     if base_records is None:
@@ -93,7 +94,7 @@ def _pair(records: Sequence[dict], base_records: Optional[Sequence[dict]]) -> li
     return list(zip(records, base_records))
 
 
-def _prediction_line(record: dict, base: Optional[dict], created: str) -> dict:
+def _prediction_line(record: dict, base: dict | None, created: str) -> dict:
     line = {key: record.get(key) for key in FIRST_KEYS}
     line.update({key: value for key, value in record.items() if key not in line})
     if base is not None:
@@ -133,12 +134,12 @@ def write_eval_outputs(
     *,
     records: Sequence[dict],
     metrics: dict,
-    base_records: Optional[Sequence[dict]] = None,
-    base_metrics: Optional[dict] = None,
-    loss_history: Optional[Sequence[dict]] = None,
+    base_records: Sequence[dict] | None = None,
+    base_metrics: dict | None = None,
+    loss_history: Sequence[dict] | None = None,
     title: str = "lorakit evaluation",
     examples_shown: int = 10,
-    about: Optional[dict] = None,
+    about: dict | None = None,
 ) -> dict[str, Path]:
     """Write every evaluation output into `eval_dir`, each file atomically.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any, Optional
+from typing import Any
 
 LABELS = {
     "n": "Examples",
@@ -29,7 +29,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _delta(adapter: dict, base: Optional[dict]) -> Optional[dict]:
+def _delta(adapter: dict, base: dict | None) -> dict | None:
     """adapter - base for every number both have (nested breakdowns included)."""
     if base is None:
         return None
@@ -43,7 +43,7 @@ def _delta(adapter: dict, base: Optional[dict]) -> Optional[dict]:
     return out
 
 
-def _metric_rows(metrics: dict, base: Optional[dict]) -> list[tuple[str, Any, Any]]:
+def _metric_rows(metrics: dict, base: dict | None) -> list[tuple[str, Any, Any]]:
     """(label, base value, adapter value) for every number, in a stable reading order."""
     rows = []
     keys = [k for k in LABELS if k in metrics] + sorted(k for k in metrics if k not in LABELS)
@@ -76,7 +76,7 @@ def _fmt_delta(base: Any, value: Any) -> str:
     return f"{value - base:+.2f}"
 
 
-def _example_sections(pairs: list[tuple[dict, Optional[dict]]], k: int) -> list[tuple[str, list]]:
+def _example_sections(pairs: list[tuple[dict, dict | None]], k: int) -> list[tuple[str, list]]:
     """(heading, [(record, base)]): the k examples that improved most and the k that got worse,
     by F1; without a base model, the k lowest-scoring examples."""
     if pairs[0][1] is None:

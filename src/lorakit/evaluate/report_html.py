@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import html
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from .report_format import (
     BAR_METRICS,
@@ -21,7 +22,7 @@ from .report_format import (
 )
 
 
-def _loss_plot(loss_history: Optional[Sequence[dict]], out_path: Path) -> Optional[bytes]:
+def _loss_plot(loss_history: Sequence[dict] | None, out_path: Path) -> bytes | None:
     """The run's loss curves (lorakit.plots.plot_loss), written atomically; None without history."""
     from .plots import plot_loss
 
@@ -39,7 +40,7 @@ def _loss_plot(loss_history: Optional[Sequence[dict]], out_path: Path) -> Option
     return out_path.read_bytes()
 
 
-def _metrics_plot(metrics: dict, base_metrics: Optional[dict]) -> Optional[bytes]:
+def _metrics_plot(metrics: dict, base_metrics: dict | None) -> bytes | None:
     from .plots import metric_bars_png
 
     keys = [k for k in BAR_METRICS if _is_number(metrics.get(k))]

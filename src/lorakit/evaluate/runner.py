@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 from ..data.example import Example
 from ..errors import EvalError
@@ -27,7 +26,7 @@ def _references(example: Example) -> list[str]:
     return [example.target] if example.target else []
 
 
-def _examples(path: str, info, data: Optional[str], split: str, no_answer: str) -> tuple[list[Example], str]:
+def _examples(path: str, info, data: str | None, split: str, no_answer: str) -> tuple[list[Example], str]:
     """(examples, a description of where they came from)."""
     from ..data import load_examples, load_splits
 
@@ -49,7 +48,7 @@ def _examples(path: str, info, data: Optional[str], split: str, no_answer: str) 
     return examples, f"{split} split of {info.config.data.path}"
 
 
-def _scored_record(example: Example, prediction: str, *, no_answer: str, lang: Optional[str] = None) -> dict:
+def _scored_record(example: Example, prediction: str, *, no_answer: str, lang: str | None = None) -> dict:
     """One line of predictions.jsonl: the example, its references, the prediction and its scores."""
     from .metrics import score_example
 
@@ -66,15 +65,15 @@ def _scored_record(example: Example, prediction: str, *, no_answer: str, lang: O
 
 def score_examples(
     predictor, examples: list[Example], *, decoding: dict, no_answer: str, bleu_tokenize: str = "auto",
-    lang: Optional[str] = None, perplexity: bool = True,
+    lang: str | None = None, perplexity: bool = True,
 ) -> tuple[list[dict], dict]:
     """Generate, extract answers, score: (records, corpus metrics, with perplexity unless asked not to).
 
     Used by `lorakit eval` and by the generation-based validation during training.
     """
     from .answers import extract_answer
-    from .perplexity import reference_perplexity
     from .metrics import corpus_metrics
+    from .perplexity import reference_perplexity
 
     conversations = [ex.prompt_messages() for ex in examples]
     contexts = [ex.context for ex in examples]
@@ -114,14 +113,14 @@ def score_examples(
 def evaluate_path(
     path: str | os.PathLike,
     *,
-    data: Optional[str] = None,
+    data: str | None = None,
     split: str = "test",
     compare_base: bool = False,
-    max_examples: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    max_new_tokens: Optional[int] = None,
-    out_dir: Optional[str | os.PathLike] = None,
-    device: Optional[str] = None,
+    max_examples: int | None = None,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    device: str | None = None,
     verbose: bool = True,
 ) -> dict:
     """Evaluate a run (or merged) folder; returns what metrics.json holds, plus `folder`: where
@@ -136,10 +135,10 @@ def evaluate_path(
             out_dir is a file or a folder that is not empty.
         RunError / ModelError / DataError: the folder, model or data cannot be loaded.
     """
-    from ..runs import read_metrics
     from ..config import EvalConfig
     from ..inference.predictor import _is_plain_model, load_predictor
     from ..run_metadata import read_run
+    from ..runs import read_metrics
     from .history import check_out_dir, label_for, publish_new, publish_to, staging, write_index
     from .report import write_eval_outputs
 
@@ -206,7 +205,7 @@ def evaluate_path(
     return {**summary, "folder": str(final)}
 
 
-def _print_summary(summary: dict, folder: Path, index: Optional[Path] = None) -> None:
+def _print_summary(summary: dict, folder: Path, index: Path | None = None) -> None:
     def line(name: str, m: dict) -> str:
         text = f"{name}: EM {m['exact_match']:.1f}  F1 {m['f1']:.1f}  ROUGE-L {m['rougeL']:.1f}"
         if m.get("never_stops_rate") is not None:
@@ -284,7 +283,7 @@ def score_predictions(
     predictions_file: str | os.PathLike,
     data_file: str | os.PathLike,
     *,
-    out_dir: Optional[str | os.PathLike] = None,
+    out_dir: str | os.PathLike | None = None,
     no_answer: str = "unanswerable",
     verbose: bool = True,
 ) -> dict:

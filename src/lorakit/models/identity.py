@@ -16,7 +16,6 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Optional
 
 from ..config import ModelConfig
 from ..errors import ModelError
@@ -95,7 +94,7 @@ def check_base_revision(info, model) -> None:
     )
 
 
-def base_weight_files(source: str, gguf: Optional[str]) -> list[Path]:
+def base_weight_files(source: str, gguf: str | None) -> list[Path]:
     """The files whose bytes identify a local base model: the GGUF file, else the weights."""
     folder = Path(source)
     if gguf:
@@ -104,7 +103,7 @@ def base_weight_files(source: str, gguf: Optional[str]) -> list[Path]:
     return [w for w in weights if not w.name.startswith("training_args")]
 
 
-def weights_sha256(files: list[Path], hash_file=sha256_file) -> Optional[str]:
+def weights_sha256(files: list[Path], hash_file=sha256_file) -> str | None:
     """One digest for the weights: a single file's sha256, or for several shards a digest of
     their names and hashes (None without files)."""
     if len(files) == 1:
@@ -126,7 +125,7 @@ def weight_file_stats(files: list[Path]) -> dict:
     return stats
 
 
-def base_model_identity(model_config: ModelConfig, *, commit_hash: Optional[str] = None) -> dict:
+def base_model_identity(model_config: ModelConfig, *, commit_hash: str | None = None) -> dict:
     """What exactly the adapter was trained on: for local files the sha256 of the GGUF or of the
     weights (several safetensors shards hash to one digest of their names and hashes) and each
     file's size and mtime; for hub ids the revision (the resolved commit when known)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -27,7 +26,7 @@ def _looks_local(name: str) -> bool:
     )
 
 
-def resolve_source(model_config: ModelConfig) -> tuple[str, Optional[str], bool]:
+def resolve_source(model_config: ModelConfig) -> tuple[str, str | None, bool]:
     """(folder or hub id, gguf file name or None, is_local) for from_pretrained.
 
     Raises:
@@ -75,7 +74,7 @@ def resolve_source(model_config: ModelConfig) -> tuple[str, Optional[str], bool]
     return name, gguf, False
 
 
-def _pretrained_kwargs(model_config: ModelConfig, gguf: Optional[str]) -> dict:
+def _pretrained_kwargs(model_config: ModelConfig, gguf: str | None) -> dict:
     kwargs: dict = {"trust_remote_code": model_config.trust_remote_code}
     if model_config.revision:
         kwargs["revision"] = model_config.revision
@@ -165,8 +164,8 @@ def load_base_model(
     task_type: str,
     *,
     dtype: torch.dtype = torch.float32,
-    device: Optional[str] = None,
-    compute_dtype: Optional[torch.dtype] = None,
+    device: str | None = None,
+    compute_dtype: torch.dtype | None = None,
 ):
     """AutoModelForCausalLM / AutoModelForSeq2SeqLM from a hub id, folder or GGUF file.
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 
@@ -20,7 +19,7 @@ def default_device() -> str:
     return "cpu"
 
 
-def choose_precision(requested: str = "auto", device: Optional[str] = None) -> tuple[torch.dtype, str]:
+def choose_precision(requested: str = "auto", device: str | None = None) -> tuple[torch.dtype, str]:
     """(dtype to load the weights in, training precision name) for a device.
 
     auto: float32 on CPU/MPS (bfloat16 matmuls are hundreds of times slower on most CPUs);

@@ -12,7 +12,6 @@ import os
 import platform
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 from ..errors import ConfigError, ModelError
 from .memory import GIB, TimeEstimate, flops_per_token
@@ -91,7 +90,7 @@ def cpu_rates(use_cache: bool = True) -> tuple[float, float]:
     return flops, op_seconds
 
 
-def gpu_spec(gpu: str = "cpu", memory_gb: Optional[float] = None) -> GpuSpec:
+def gpu_spec(gpu: str = "cpu", memory_gb: float | None = None) -> GpuSpec:
     """The device to plan for; `memory_gb` overrides its memory (e.g. a share of a GPU, or RAM)."""
     gpu = gpu.lower()
     if gpu == "cpu":
@@ -151,7 +150,7 @@ def step_time(shape: ModelShape, spec: GpuSpec, *, n_lora: int, n_adapters: int,
                         f"+ {ops:.0f} operators per micro-batch at {spec.op_seconds * 1e6:.0f} us each")
 
 
-def detect_device() -> tuple[str, Optional[float]]:
+def detect_device() -> tuple[str, float | None]:
     """The device training will run on, as a DEVICES name plus its real memory in GB.
 
     An unlisted GPU maps to the listed one of the same bf16 capability (its memory is what

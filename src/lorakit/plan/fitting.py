@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from ..config import LorakitConfig
 from ..errors import ModelError
@@ -18,14 +18,14 @@ from .shape import ModelShape, read_model_shape
 logger = logging.getLogger("lorakit.plan")
 
 
-def _fits(config, shape, spec, lengths, max_length: Optional[int] = None) -> bool:
+def _fits(config, shape, spec, lengths, max_length: int | None = None) -> bool:
     limit = max_length or config.template.max_length
     seq = min(max(lengths.lengths), limit) if lengths.lengths else limit
     target = min(max(lengths.target_lengths), limit) if lengths.target_lengths else None
     return estimate_memory(config, shape, spec, seq, target).total <= spec.memory_bytes
 
 
-def _largest_micro_batch(config, shape, spec, lengths) -> Optional[int]:
+def _largest_micro_batch(config, shape, spec, lengths) -> int | None:
     """The largest divisor of the effective batch that fits, so the effective batch stays exact."""
     effective = config.train.micro_batch_size * config.train.gradient_accumulation
     for micro in sorted((d for d in range(1, effective + 1) if effective % d == 0), reverse=True):
@@ -35,8 +35,8 @@ def _largest_micro_batch(config, shape, spec, lengths) -> Optional[int]:
     return None
 
 
-def fit_config(config: LorakitConfig, gpu: str = "cpu", memory_gb: Optional[float] = None, *,
-               shape: Optional[ModelShape] = None, lengths: Optional[DataLengths] = None) -> tuple[LorakitConfig, list[str]]:
+def fit_config(config: LorakitConfig, gpu: str = "cpu", memory_gb: float | None = None, *,
+               shape: ModelShape | None = None, lengths: DataLengths | None = None) -> tuple[LorakitConfig, list[str]]:
     """A copy of `config` that fits `gpu`, and each choice made with its reason.
 
     In order: the largest micro-batch that fits (gradient accumulation keeps the effective batch);

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ..config import LorakitConfig
 from .devices import GpuSpec, gpu_spec, precision_bytes
@@ -45,7 +44,7 @@ class Plan:
     device: GpuSpec
     precision: str
     seq_len: int  # the longest batch's padded length: what peak memory depends on
-    target_len: Optional[int]
+    target_len: int | None
     memory: MemoryEstimate
     time: TimeEstimate
     steps: int
@@ -64,8 +63,8 @@ class Plan:
         return self.steps * self.time.seconds_per_step
 
 
-def plan_run(config: LorakitConfig, gpu: str = "cpu", memory_gb: Optional[float] = None, *,
-             shape: Optional[ModelShape] = None, lengths: Optional[DataLengths] = None, advise: bool = True) -> Plan:
+def plan_run(config: LorakitConfig, gpu: str = "cpu", memory_gb: float | None = None, *,
+             shape: ModelShape | None = None, lengths: DataLengths | None = None, advise: bool = True) -> Plan:
     """Predict memory and time for training `config` on `gpu`, without loading any weights.
 
     Raises:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from .memory import (
     fmt_bytes,
 )
@@ -20,7 +18,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def render_plan(plan: Plan, choices: Optional[list[str]] = None, console=None) -> str:
+def render_plan(plan: Plan, choices: list[str] | None = None, console=None) -> str:
     """Print the plan with rich (to `console`, default stdout) and return it as plain text."""
     from rich.console import Console
     from rich.table import Table

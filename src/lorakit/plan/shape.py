@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+
 @dataclass
 class ModelShape:
     """The numbers that decide memory and compute, read without loading any weights."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from .encoding import IGNORE
 
 
@@ -15,7 +13,7 @@ class PaddingCollator:
     are padded on their own, on the right; the model builds decoder inputs from them.
     """
 
-    def __init__(self, pad_token_id: int, label_pad: int = IGNORE, pad_to_multiple_of: Optional[int] = None,
+    def __init__(self, pad_token_id: int, label_pad: int = IGNORE, pad_to_multiple_of: int | None = None,
                  padding_side: str = "right", seq2seq: bool = False):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")

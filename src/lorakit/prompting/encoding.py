@@ -13,8 +13,8 @@ Labels are never cut.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
 
 from ..data.example import Example
 from ..errors import ModelError, TemplateError
@@ -27,7 +27,7 @@ IGNORE = -100
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    attention_mask: Optional[list[int]] = None
+    attention_mask: list[int] | None = None
     context_truncated: bool = False
 
     def to_feature(self) -> dict:
@@ -104,9 +104,9 @@ def encode_example(
     *,
     max_length: int,
     train_on_prompt: bool = False,
-    system: Optional[str] = None,
-    task_type: Optional[str] = None,
-) -> Union[Encoded, Dropped]:
+    system: str | None = None,
+    task_type: str | None = None,
+) -> Encoded | Dropped:
     """Encode one example, shortening its context if needed; Dropped (with a reason) if it cannot fit.
 
     task_type: "causal" or "seq2seq"; None uses the template's own.
@@ -242,8 +242,8 @@ def encode_examples(
     *,
     max_length: int,
     train_on_prompt: bool = False,
-    system: Optional[str] = None,
-    task_type: Optional[str] = None,
+    system: str | None = None,
+    task_type: str | None = None,
 ) -> tuple[list[dict], TokenizeStats]:
     """Encode every example; features are dicts of input_ids, attention_mask, labels."""
     features, stats = [], TokenizeStats(n_examples=len(examples))
@@ -270,7 +270,7 @@ def encode_examples(
 
 
 def render_marked_example(
-    example: Example, template: Template, tokenizer=None, *, system: Optional[str] = None,
+    example: Example, template: Template, tokenizer=None, *, system: str | None = None,
     open_mark: str = "⟦", close_mark: str = "⟧",
 ) -> str:
     """One example as the model sees it in training, trained text wrapped in ⟦ ⟧.

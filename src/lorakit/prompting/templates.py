@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Optional
 
 import jinja2
 import jinja2.ext
@@ -46,14 +45,14 @@ class Template:
     stop_strings: list[str]
     uses_model_chat_template: bool
     task_type: str = "causal"
-    system: Optional[str] = None
+    system: str | None = None
     special_tokens: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Template":
+    def from_dict(cls, data: dict) -> Template:
         try:
             return cls(
                 name=data["name"],
@@ -90,14 +89,14 @@ class Template:
             ) from None
 
 
-def _split_system(messages: list[dict], default: Optional[str]) -> tuple[Optional[str], list[dict]]:
+def _split_system(messages: list[dict], default: str | None) -> tuple[str | None, list[dict]]:
     """Pull system messages out of the conversation; the record's own system text beats the default."""
     own = [m["content"] for m in messages if m["role"] == "system"]
     turns = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
     return ("\n\n".join(own) if own else default) or None, turns
 
 
-def _chat_messages(turns: list[dict], context: Optional[str], system: Optional[str]) -> list[dict]:
+def _chat_messages(turns: list[dict], context: str | None, system: str | None) -> list[dict]:
     """A model's chat template knows only messages: fold system and context into them."""
     out = [{"role": "system", "content": system}] if system else []
     placed = not context
@@ -165,7 +164,7 @@ def _special_tokens(tokenizer) -> dict[str, str]:
     return tokens
 
 
-def _model_chat_template(tokenizer) -> Optional[str]:
+def _model_chat_template(tokenizer) -> str | None:
     source = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if isinstance(source, dict):  # several named templates: the default one is for chat
         source = source.get("default")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -18,7 +18,7 @@ class APIError(Exception):
     """A request the server refuses: becomes an OpenAI-style error body with this status code."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -30,8 +30,8 @@ class APIError(Exception):
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
-def error_body(message: str, *, type: str = "invalid_request_error", param: Optional[str] = None,
-               code: Optional[str] = None) -> dict:
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -50,7 +50,7 @@ class TextPart(_Request):
 class ChatMessage(_Request):
     # "developer" is OpenAI's newer name for the system role.
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: str | list[TextPart]
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -64,14 +64,14 @@ class StreamOptions(_Request):
 
 class _Decoding(_Request):
     model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0, le=2)  # greedy by default: the same answer as `lorakit generate`
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1)
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    stop: Union[str, list[str], None] = None
-    logprobs: Union[bool, int, None] = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    logprobs: bool | int | None = None
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -93,11 +93,11 @@ class _Decoding(_Request):
 
 class ChatCompletionRequest(_Decoding):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     # lorakit extension: the passage for an extractive-QA run, placed where its template puts it
-    context: Optional[str] = None
+    context: str | None = None
 
-    def requested_max_tokens(self) -> Optional[int]:
+    def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def conversation(self) -> list[dict]:
@@ -115,12 +115,12 @@ class ChatCompletionRequest(_Decoding):
 
 
 class CompletionRequest(_Decoding):
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
     echo: bool = False
-    suffix: Optional[str] = None
-    best_of: Optional[int] = None
+    suffix: str | None = None
+    best_of: int | None = None
 
-    def requested_max_tokens(self) -> Optional[int]:
+    def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
     def prompts(self) -> list[str]:
@@ -184,7 +184,7 @@ def chat_response(rid: str, model: str, text: str, finish_reason: str, prompt_to
     }
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: Optional[str] = None) -> dict:
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None = None) -> dict:
     return {
         "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
@@ -201,7 +201,7 @@ def completion_response(rid: str, model: str, choices: list[tuple[str, str]], pr
     }
 
 
-def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: Optional[str] = None) -> dict:
+def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None) -> dict:
     return {
         "id": rid, "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
@@ -214,5 +214,5 @@ def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def model_card(name: str, created: int, base: Optional[str]) -> dict:
+def model_card(name: str, created: int, base: str | None) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "lorakit", "root": base}

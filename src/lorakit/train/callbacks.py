@@ -10,8 +10,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from transformers import TrainerCallback
@@ -30,10 +30,10 @@ class MetricsFileCallback(TrainerCallback):
     with include_num_input_tokens_seen="non_padding").
     """
 
-    def __init__(self, path: Path, on_log: Optional[Callable[[dict], None]] = None):
+    def __init__(self, path: Path, on_log: Callable[[dict], None] | None = None):
         self.path = Path(path)
         self.on_log_fn = on_log
-        self._last_time: Optional[float] = None
+        self._last_time: float | None = None
         self._last_tokens = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -147,8 +147,8 @@ class InterruptCallback(TrainerCallback):
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.signum: Optional[int] = None  # the first signal received
-        self.stopped_at: Optional[int] = None  # the step after which the checkpoint was asked for
+        self.signum: int | None = None  # the first signal received
+        self.stopped_at: int | None = None  # the step after which the checkpoint was asked for
         self._extra_ctrl_c = 0
         self._previous: dict = {}
 
@@ -206,7 +206,7 @@ class CheckpointCompletionCallback(TrainerCallback):
     complete first, then deletes the oldest complete ones beyond `keep` (the best one is kept).
     """
 
-    def __init__(self, keep: Optional[int], main: bool):
+    def __init__(self, keep: int | None, main: bool):
         self.keep = keep
         self.main = main
 
@@ -245,7 +245,7 @@ class CheckpointCompletionCallback(TrainerCallback):
 class NonFiniteTraining(Exception):
     """Raised by NonFiniteGuard; train/recipe.py turns it into a RunError that names the fix."""
 
-    def __init__(self, step: int, what: str, loss: Optional[float]):
+    def __init__(self, step: int, what: str, loss: float | None):
         self.step, self.what, self.loss = step, what, loss
         super().__init__(f"step {step}: {what} (loss {loss})")
 
@@ -273,7 +273,7 @@ class NonFiniteGuard(TrainerCallback):
         if module.training and isinstance(loss, torch.Tensor):
             self._losses.append(loss.detach())
 
-    def _loss(self) -> Optional[float]:
+    def _loss(self) -> float | None:
         if not self._losses:
             return None
         values = torch.stack([loss.float().mean() for loss in self._losses])
