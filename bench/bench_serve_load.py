@@ -47,12 +47,12 @@ def make_run(root: Path, base_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorakit.config_loading import validate_config
+    from lorakit.files import atomic_write_text
     from lorakit.models.identity import base_model_identity
     from lorakit.models.loading import load_tokenizer
-    from lorakit.runs import RunPaths
-    from lorakit.files import atomic_write_text
-    from lorakit.run_metadata import write_metadata
     from lorakit.prompting.templates import resolve_template
+    from lorakit.run_metadata import write_metadata
+    from lorakit.runs import RunPaths
 
     config = validate_config({"data": {"path": "unused.jsonl"}, "model": {"name_or_path": str(base_dir)},
                               "template": {"name": "question_answer"}})

@@ -109,9 +109,9 @@ def main() -> int:
         print(f"skipped: {DATA} is absent (this benchmark reads the shared SQuAD v1.1 dev part A).")
         return 0
 
-    from lorakit.runs import read_metrics
-    from lorakit.evaluate.runner import evaluate_path
     from lorakit.demo.hubless import ensure_smollm2
+    from lorakit.evaluate.runner import evaluate_path
+    from lorakit.runs import read_metrics
     from lorakit.train.recipe import train
 
     out = Path(args.out)

@@ -12,14 +12,14 @@ import torch
 from lorakit.config import TemplateConfig
 from lorakit.config_loading import validate_config
 from lorakit.errors import ConfigError, ModelError, RunError
-from lorakit.inference.decoding import generate_batched
 from lorakit.export.merge import hf_chat_template, merge_run
-from lorakit.models.identity import base_model_identity
-from lorakit.runs import RunPaths
 from lorakit.files import atomic_write_text
-from lorakit.run_metadata import read_run, write_metadata
+from lorakit.inference.decoding import generate_batched
+from lorakit.models.identity import base_model_identity
 from lorakit.prompting.builtin_templates import BUILTINS
 from lorakit.prompting.templates import render_prompt, resolve_template
+from lorakit.run_metadata import read_run, write_metadata
+from lorakit.runs import RunPaths
 
 SYSTEM = "Answer briefly."
 CONVERSATIONS = [

@@ -11,15 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lorakit.cli_commands import chat_loop, generate_command, read_context
 from lorakit.config import TemplateConfig
 from lorakit.config_loading import validate_config
 from lorakit.errors import ModelError, RunError
 from lorakit.inference.decoding import generate_batched
 from lorakit.inference.predictor import Predictor, load_predictor
-from lorakit.cli_commands import chat_loop, generate_command, read_context
-from lorakit.run_metadata import write_metadata
 from lorakit.prompting.builtin_templates import BUILTINS
 from lorakit.prompting.templates import render_prompt, resolve_template
+from lorakit.run_metadata import write_metadata
 
 QUESTION = "What is the capital of France?"
 MAX_NEW = 8
@@ -128,9 +128,8 @@ def test_adapter_false_loads_the_base_with_the_runs_template(run_dir, predictor)
     with predictor.base_model():
         expected = predictor.generate([ask()], max_new_tokens=MAX_NEW)[0].text
     assert base_only.generate([ask()], max_new_tokens=MAX_NEW)[0].text == expected
-    with pytest.raises(RunError, match="no LoRA adapter"):
-        with base_only.base_model():
-            pass
+    with pytest.raises(RunError, match="no LoRA adapter"), base_only.base_model():
+        pass
 
 
 def test_stream_and_raw_prompts_agree_with_generate(predictor):

@@ -9,16 +9,16 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from lorakit.cli_commands import plan_command
 from lorakit.config_loading import validate_config
 from lorakit.errors import ConfigError, ModelError
-from lorakit.plan.measure import TensorMemoryTracker, measure_lora_step
-from lorakit.plan.memory import estimate_step_memory, flops_per_token
-from lorakit.plan.shape import read_model_shape
 from lorakit.plan.devices import gpu_spec
 from lorakit.plan.estimate import DataLengths, estimate_memory
-from lorakit.plan.planner import plan_run
 from lorakit.plan.fitting import fit_config, run_with_oom_backoff
-from lorakit.cli_commands import plan_command
+from lorakit.plan.measure import TensorMemoryTracker, measure_lora_step
+from lorakit.plan.memory import estimate_step_memory, flops_per_token
+from lorakit.plan.planner import plan_run
+from lorakit.plan.shape import read_model_shape
 
 
 @pytest.fixture(autouse=True)

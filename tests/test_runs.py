@@ -6,10 +6,10 @@ import pytest
 
 from lorakit.config_loading import validate_config
 from lorakit.errors import RunError
-from lorakit.runs import RunPaths, mark_checkpoint_complete, prepare_run_dir, run_dir_for
 from lorakit.files import atomic_write_json, atomic_write_text
-from lorakit.run_metadata import read_run, write_metadata
 from lorakit.prompting.templates import Template
+from lorakit.run_metadata import read_run, write_metadata
+from lorakit.runs import RunPaths, mark_checkpoint_complete, prepare_run_dir, run_dir_for
 
 TEMPLATE = Template(
     name="question_answer",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -28,7 +27,7 @@ app.add_typer(data_app, name="data")
 SET_HELP = "Override a config value: --set section.key=value (repeatable)."
 
 
-def _load(config: Path, overrides: Optional[List[str]]):
+def _load(config: Path, overrides: list[str] | None):
     from .config_loading import load_config
 
     return load_config(config, overrides or [])
@@ -37,7 +36,7 @@ def _load(config: Path, overrides: Optional[List[str]]):
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML config file."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of the run."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes (torchrun) on this machine."),
     allow_config_change: bool = typer.Option(
@@ -66,7 +65,7 @@ def train(
 @data_app.command("inspect")
 def data_inspect(
     config: Path = typer.Argument(..., help="YAML config file."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Counts per split, dropped records and why, token lengths, one rendered example."""
     from .inspection import inspect_data
@@ -77,13 +76,13 @@ def data_inspect(
 @app.command("eval")
 def eval_(
     run: Path = typer.Argument(..., help="Run folder, adapter folder or merged-model folder."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this file instead of the run's own split."),
+    data: Path | None = typer.Option(None, "--data", help="Evaluate on this file instead of the run's own split."),
     split: str = typer.Option("test", "--split", help="train, validation or test (of the run's own data)."),
-    compare: Optional[str] = typer.Option(None, "--compare", help="'base': also evaluate the base model, same template and decoding."),
-    max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1),
-    out: Optional[Path] = typer.Option(
+    compare: str | None = typer.Option(None, "--compare", help="'base': also evaluate the base model, same template and decoding."),
+    max_examples: int | None = typer.Option(None, "--max-examples", min=1),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1),
+    out: Path | None = typer.Option(
         None, "--out", help="Write the outputs exactly here (a new or empty folder) instead of RUN/eval/<split>-<time>/."
     ),
 ):
@@ -109,7 +108,7 @@ def eval_(
 def score(
     predictions: Path = typer.Argument(..., help="JSONL of {id, prediction} or an official SQuAD prediction file."),
     data: Path = typer.Option(..., "--data", help="The dataset holding the reference answers."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for metrics.json and reports."),
+    out: Path | None = typer.Option(None, "--out", help="Folder for metrics.json and reports."),
     no_answer: str = typer.Option("unanswerable", "--no-answer", help="The text that means 'no answer'."),
 ):
     """Score predictions made elsewhere against a dataset's references."""
@@ -122,7 +121,7 @@ def score(
 def generate(
     run: Path = typer.Argument(..., help="Run folder, adapter folder or merged-model folder."),
     question: str = typer.Argument(..., help="The question or instruction."),
-    context: Optional[str] = typer.Option(None, "--context", help="A passage, or a path to a text file holding one."),
+    context: str | None = typer.Option(None, "--context", help="A passage, or a path to a text file holding one."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
@@ -172,15 +171,15 @@ def _serve_help(key: str) -> str:
 
 @app.command()
 def serve(
-    runs: List[str] = typer.Argument(..., help="Run or merged folders; NAME=PATH sets the model id."),
-    config: Optional[Path] = typer.Option(None, "--config", help="A YAML file whose serve: section holds the settings below."),
+    runs: list[str] = typer.Argument(..., help="Run or merged folders; NAME=PATH sets the model id."),
+    config: Path | None = typer.Option(None, "--config", help="A YAML file whose serve: section holds the settings below."),
     # left out, a flag takes the config's serve.* value, else config.ServeConfig's default
-    host: Optional[str] = typer.Option(None, "--host", help=_serve_help("host")),
-    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help=_serve_help("port")),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LORAKIT_API_KEY", help=_serve_help("api_key")),
-    max_tokens_limit: Optional[int] = typer.Option(None, "--max-tokens-limit", min=1, help=_serve_help("max_tokens_limit")),
-    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", min=1, help=_serve_help("max_batch_size")),
-    max_body_bytes: Optional[int] = typer.Option(None, "--max-body-bytes", min=1, help=_serve_help("max_body_bytes")),
+    host: str | None = typer.Option(None, "--host", help=_serve_help("host")),
+    port: int | None = typer.Option(None, "--port", min=1, max=65535, help=_serve_help("port")),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="LORAKIT_API_KEY", help=_serve_help("api_key")),
+    max_tokens_limit: int | None = typer.Option(None, "--max-tokens-limit", min=1, help=_serve_help("max_tokens_limit")),
+    max_batch_size: int | None = typer.Option(None, "--max-batch-size", min=1, help=_serve_help("max_batch_size")),
+    max_body_bytes: int | None = typer.Option(None, "--max-body-bytes", min=1, help=_serve_help("max_body_bytes")),
 ):
     """Serve runs behind an OpenAI-compatible HTTP API."""
     from .cli_commands import serve_command
@@ -194,9 +193,9 @@ def serve(
 @app.command()
 def plan(
     config: Path = typer.Argument(..., help="YAML config file."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
     gpu: str = typer.Option("cpu", "--gpu", help="t4, l4, a10g, a100-40g, a100-80g, h100 or cpu."),
-    memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="Override the device memory."),
+    memory_gb: float | None = typer.Option(None, "--memory-gb", help="Override the device memory."),
     fit: bool = typer.Option(False, "--fit", help="Choose settings that fit the device."),
 ):
     """Predict peak memory and time before loading any weights; --fit picks settings that fit."""
@@ -224,7 +223,7 @@ def version():
     typer.echo(__version__)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user mistakes into one line and a non-zero exit."""
     try:
         # standalone_mode=False: typer hands usage errors to us instead of printing its box

@@ -4,8 +4,9 @@ library and print for the terminal. Each imports its stage when it runs, so `lor
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
 
 from .errors import ModelError
 
@@ -13,7 +14,7 @@ if TYPE_CHECKING:
     from .export.merge import MergeReport
 
 
-def read_context(context: Optional[str]) -> Optional[str]:
+def read_context(context: str | None) -> str | None:
     """`--context` is a path to a text file, or the passage itself."""
     if not context:
         return None
@@ -26,7 +27,7 @@ def read_context(context: Optional[str]) -> Optional[str]:
     return context
 
 
-def generate_command(path: str, question: str, context: Optional[str] = None, **decoding) -> str:
+def generate_command(path: str, question: str, context: str | None = None, **decoding) -> str:
     """`lorakit generate RUN "question" [--context FILE_OR_TEXT]`: one answer, with the run's template."""
     from .inference.predictor import load_predictor
 
@@ -100,7 +101,7 @@ def merge_command(run: str, out: str, *, dtype: str = "float32", overwrite: bool
     return report
 
 
-def serve_command(runs: list[str], config: Optional[str] = None, **flags) -> None:
+def serve_command(runs: list[str], config: str | None = None, **flags) -> None:
     """What `lorakit serve` runs: ServeConfig's defaults < the serve section of `config` < the
     flags that were given (None: not given). Request log lines go to stderr."""
     from .config_loading import load_serve_config
@@ -113,8 +114,8 @@ def serve_command(runs: list[str], config: Optional[str] = None, **flags) -> Non
     run_server(runs, settings)
 
 
-def plan_command(config_path, overrides: Optional[list[str]] = None, gpu: str = "cpu",
-                 memory_gb: Optional[float] = None, fit: bool = False, console=None) -> str:
+def plan_command(config_path, overrides: list[str] | None = None, gpu: str = "cpu",
+                 memory_gb: float | None = None, fit: bool = False, console=None) -> str:
     """`lorakit plan config.yaml [--gpu ...] [--memory-gb N] [--fit]`: print the plan, return its text.
     With --fit (or train.auto_fit: true) the plan shown is the fitted config's, with each choice."""
     from .config_loading import load_config

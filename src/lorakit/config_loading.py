@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import difflib
 import logging
-from pathlib import Path
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Any
 
 import yaml

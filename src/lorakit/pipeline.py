@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from .config import LorakitConfig, ModelConfig
 from .errors import ModelError
@@ -44,17 +44,17 @@ class Prepared:
 
     config: LorakitConfig
     task_type: str
-    splits: "DataSplits"
+    splits: DataSplits
     tokenizer: Any
-    template: Optional["Template"]
+    template: Template | None
     has_context: bool
     train_features: list[dict] = field(default_factory=list)
-    train_stats: Optional["TokenizeStats"] = None
+    train_stats: TokenizeStats | None = None
     validation_features: list[dict] = field(default_factory=list)
-    validation_stats: Optional["TokenizeStats"] = None
-    tokenizer_error: Optional[str] = None
+    validation_stats: TokenizeStats | None = None
+    tokenizer_error: str | None = None
 
-    def encode(self, examples: list["Example"]) -> tuple[list[dict], "TokenizeStats"]:
+    def encode(self, examples: list[Example]) -> tuple[list[dict], TokenizeStats]:
         """Encode examples exactly as training encodes them (max_length, loss mask, task type)."""
         from .prompting.encoding import encode_examples
 
@@ -71,7 +71,7 @@ def prepare(
     config: LorakitConfig,
     *,
     encode: bool = True,
-    task_type: Optional[str] = None,
+    task_type: str | None = None,
     require_tokenizer: bool = True,
 ) -> Prepared:
     """The setup sequence every entry point shares: task type, data splits, tokenizer, template,
@@ -129,7 +129,7 @@ class LoadedRun:
     tokenizer: Any
 
     @property
-    def template(self) -> "Template":
+    def template(self) -> Template:
         return self.info.template
 
 
@@ -172,9 +172,9 @@ def run_tokenizer(info: RunInfo, fallback: Any = None) -> Any:
 def load_run(
     run: str | os.PathLike | RunInfo,
     *,
-    device: Optional[str] = None,
+    device: str | None = None,
     adapter: bool = True,
-    dtype: Optional["torch.dtype"] = None,
+    dtype: torch.dtype | None = None,
     quantize: bool = True,
 ) -> LoadedRun:
     """Load a run folder (or its adapter folder, or a merged folder) for use.

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ..errors import DataError
 from .clean import CleanReport, clean_examples
@@ -54,7 +53,7 @@ def load_examples(
     path: str,
     *,
     format: str = "auto",
-    column_map: Optional[dict] = None,
+    column_map: dict | None = None,
     no_answer: str = "unanswerable",
     hub_split: str = "train",
     deduplicate: bool = True,

@@ -26,9 +26,9 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 from ..errors import ConfigError, ModelError, RunError
 from .verify import (
@@ -58,7 +58,7 @@ class MergeReport:
     inputs: int
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    dtype_noise_floor: Optional[float] = None  # float16/bfloat16: base + adapter itself in that dtype
+    dtype_noise_floor: float | None = None  # float16/bfloat16: base + adapter itself in that dtype
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,7 +82,7 @@ class MergeReport:
 # --- the chat template written into the merged tokenizer -----------------------------------------
 
 
-def _jinja_string(text: Optional[str]) -> str:
+def _jinja_string(text: str | None) -> str:
     """A Jinja string literal (Jinja unescapes like Python, so JSON's escapes read back exactly)."""
     return "none" if text is None else json.dumps(text, ensure_ascii=False)
 
@@ -140,7 +140,7 @@ def _check_dtype(dtype: str):
     return table[dtype]
 
 
-def _relation(out: Path, folder: Path) -> Optional[str]:
+def _relation(out: Path, folder: Path) -> str | None:
     """How --out overlaps a folder that must survive: 'is', 'is inside' or 'contains' (None: apart).
     Paths are resolved first, so a symlink counts as the folder it points to."""
     a, b = out.resolve(), folder.resolve()
@@ -178,10 +178,10 @@ def merge_run(
     out_dir: str | os.PathLike,
     *,
     dtype: str = "float32",
-    verify_inputs: Optional[list[str]] = None,
+    verify_inputs: list[str] | None = None,
     overwrite: bool = False,
-    device: Optional[str] = None,
-    on_start: Optional[Callable[[], None]] = None,
+    device: str | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> MergeReport:
     """Merge the run's adapter into its base model and save a verified standalone model to out_dir.
 

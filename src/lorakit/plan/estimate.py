@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Optional
 
 from ..config import LorakitConfig
 from ..errors import ModelError
@@ -79,7 +78,7 @@ def _task_type(config: LorakitConfig, shape: ModelShape) -> str:
     return "seq2seq" if shape.is_seq2seq else "causal"
 
 
-def estimate_memory(config: LorakitConfig, shape: ModelShape, gpu, seq_len: int, target_len: Optional[int] = None) -> MemoryEstimate:
+def estimate_memory(config: LorakitConfig, shape: ModelShape, gpu, seq_len: int, target_len: int | None = None) -> MemoryEstimate:
     """Peak memory of this config's training step on `gpu` (a name or GpuSpec) at `seq_len` tokens."""
     spec = gpu if isinstance(gpu, GpuSpec) else gpu_spec(gpu)
     if spec.name == "cpu" and config.model.quantization != "none":

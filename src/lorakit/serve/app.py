@@ -20,12 +20,12 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Callable, Optional
 
-from ..errors import LorakitError, ModelError, ServeError, require
 from ..config import ServeConfig
+from ..errors import LorakitError, ModelError, ServeError, require
 from .guard import API_KEY_ENV, _Guard, _log
 from .schemas import (
     APIError,
@@ -74,12 +74,12 @@ class _Server:
                            param="model", code="model_not_found")
         return self.models[name]
 
-    def check_limit(self, requested: Optional[int]) -> None:
+    def check_limit(self, requested: int | None) -> None:
         if requested is not None and requested > self.max_tokens_limit:
             raise APIError(400, f"max_tokens={requested} exceeds this server's limit of {self.max_tokens_limit}.",
                            param="max_tokens", code="max_tokens_exceeded")
 
-    def budget(self, served: ServedModel, prompt_tokens: int, requested: Optional[int], default: int) -> int:
+    def budget(self, served: ServedModel, prompt_tokens: int, requested: int | None, default: int) -> int:
         """max_tokens for a request, after checking it against the limit and the model's context."""
         self.check_limit(requested)
         context = served.predictor.max_context
@@ -126,7 +126,7 @@ class _Server:
         # OpenAI's default for completions is 16 new tokens
         return req, served, prompts, counts, min(self.budget(served, c, req.max_tokens, 16) for c in counts)
 
-    async def generate(self, job: Job, request) -> Optional[list]:
+    async def generate(self, job: Job, request) -> list | None:
         """The job's generations; None when the client disconnected first, which cancels the job
         (skipped if still queued, its rows stopped at the next decoding step if running)."""
         self.worker.submit(job)
@@ -143,7 +143,7 @@ class _Server:
                 job.cancel()
 
     def stream(self, job: Job, on_done: Callable[[str, int], None], render: Callable[[str], dict],
-               finish: Callable[[str], dict], extra_end: Callable[[int], list[dict]], opening: Optional[dict] = None):
+               finish: Callable[[str], dict], extra_end: Callable[[int], list[dict]], opening: dict | None = None):
         """An SSE response: an opening chunk (chat: the role), one chunk per text piece, a finish
         chunk, optional usage (the tokens the worker generated), then [DONE]."""
         from starlette.background import BackgroundTask
@@ -180,7 +180,7 @@ class _Server:
         return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(job.cancel))
 
 
-def create_app(paths: list[str], settings: Optional[ServeConfig] = None, *, device: Optional[str] = None, **overrides):
+def create_app(paths: list[str], settings: ServeConfig | None = None, *, device: str | None = None, **overrides):
     """The FastAPI app serving `paths` (run folders, adapter folders, merged folders, or NAME=PATH).
 
     Args:
@@ -317,7 +317,7 @@ def create_app(paths: list[str], settings: Optional[ServeConfig] = None, *, devi
     return app
 
 
-def run_server(paths: list[str], settings: Optional[ServeConfig] = None, *, device: Optional[str] = None,
+def run_server(paths: list[str], settings: ServeConfig | None = None, *, device: str | None = None,
                **overrides) -> None:
     """Load the models and serve them with uvicorn (at settings.host:settings.port) until interrupted.
 
@@ -339,7 +339,7 @@ def run_server(paths: list[str], settings: Optional[ServeConfig] = None, *, devi
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-def _settings(settings: Optional[ServeConfig], overrides: dict) -> ServeConfig:
+def _settings(settings: ServeConfig | None, overrides: dict) -> ServeConfig:
     """`settings` (default: ServeConfig's defaults) with `overrides` applied, validated again."""
     from ..config_loading import load_serve_config
 

@@ -3,7 +3,6 @@
 import hmac
 import logging
 import time
-from typing import Optional
 
 from .schemas import (
     APIError,
@@ -26,7 +25,7 @@ class _Guard:
     With a key set, every path but /health needs it (/docs and /openapi.json included).
     """
 
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
         self.app, self.api_key, self.limit = app, api_key, max_body_bytes
 
     async def __call__(self, scope, receive, send):

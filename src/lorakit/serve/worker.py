@@ -16,11 +16,12 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from transformers import StoppingCriteria
 
@@ -46,7 +47,7 @@ class Job:
     temperature: float
     top_p: float
     stop: list[str] = field(default_factory=list)
-    emit: Optional[Callable[[object], None]] = None
+    emit: Callable[[object], None] | None = None
     future: Future = field(default_factory=Future)
     cancelled: bool = False
     generated: int = 0  # tokens generated so far (stream jobs): the honest `usage` count
@@ -57,7 +58,7 @@ class Job:
         self.future.cancel()  # False once running; the flag then stops it between decoding steps
 
     @property
-    def batch_key(self) -> Optional[tuple]:
+    def batch_key(self) -> tuple | None:
         if self.emit is not None:
             return None  # streams run one at a time
         return (self.model.name, self.max_new_tokens, self.temperature, self.top_p, tuple(self.stop))
@@ -201,7 +202,7 @@ class ServedModel:
 
     name: str
     predictor: object
-    base: Optional[str]
+    base: str | None
     created: int
 
     def __post_init__(self):
@@ -221,7 +222,7 @@ class ServedModel:
             self._views.put(view)
 
 
-def _public_name(base: Optional[str]) -> Optional[str]:
+def _public_name(base: str | None) -> str | None:
     """A base model as clients may see it: a hub id as is, a local folder by its name only."""
     if not base:
         return None
@@ -231,7 +232,7 @@ def _public_name(base: Optional[str]) -> Optional[str]:
     return base
 
 
-def _split_spec(spec: str) -> tuple[Optional[str], str]:
+def _split_spec(spec: str) -> tuple[str | None, str]:
     """"NAME=PATH" -> (NAME, PATH); a plain path -> (None, path). A path may itself hold '='."""
     name, sep, path = spec.partition("=")
     if sep and name and "/" not in name and "\\" not in name and not Path(spec).exists():
@@ -239,7 +240,7 @@ def _split_spec(spec: str) -> tuple[Optional[str], str]:
     return None, spec
 
 
-def _base_key(info) -> Optional[tuple]:
+def _base_key(info) -> tuple | None:
     """What must match for two adapters to share one loaded base model (None: cannot share)."""
     if info.is_merged:
         return None
@@ -249,7 +250,7 @@ def _base_key(info) -> Optional[tuple]:
             info.task_type, info.precision, quantization)
 
 
-def load_models(specs: list[str], *, device: Optional[str] = None) -> dict[str, ServedModel]:
+def load_models(specs: list[str], *, device: str | None = None) -> dict[str, ServedModel]:
     """Load each run (or merged folder) once; adapters of one base model share its weights.
 
     Raises:

@@ -8,7 +8,7 @@ eval_never_stops_rate next to eval_loss, so `train.best_metric: f1` and early st
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from transformers import Trainer
 
