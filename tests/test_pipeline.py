@@ -253,3 +253,18 @@ def test_serve_command_line_reads_the_config_serve_section(tmp_path, monkeypatch
     settings = got["settings"]
     assert got["runs"] == ["runs/x"] and (settings.port, settings.max_batch_size) == (9001, 5)
     assert settings.max_tokens_limit == type(settings)().max_tokens_limit  # neither file nor flag: the default
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_a_device_check_fails_before_data_or_weights_load(tiny_llama_dir, data_file, tmp_path, monkeypatch):
+    from lorakit.models import loading
+    from lorakit.train.recipe import train
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("setup went on past a config the device cannot run")
+
+    monkeypatch.setattr(loading, "load_base_model", must_not_run)
+    monkeypatch.setattr(pipeline, "prepare", must_not_run)
+    config = _config(data_file, tiny_llama_dir, tmp_path, train={"optimizer": "paged_adamw_8bit"})
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        train(config)

@@ -209,6 +209,12 @@ class LorakitConfig(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
+def default_of(section: type[Section], key: str) -> Any:
+    """A config value's one default, for a function parameter that mirrors a config key: a caller
+    that leaves it out gets what a config that leaves it out gets."""
+    return section.model_fields[key].default
+
+
 class Problem(ValueError):
     """A validator's finding: what is wrong, and the fix (reported in the error's Fix: part)."""
 

@@ -222,7 +222,7 @@ def _default_max_length(config: Optional["LorakitConfig"]) -> int:
     """A lorakit.json without max_length: the run's config.yaml, else the config's own default."""
     if config is not None:
         return config.template.max_length
-    from .config import TemplateConfig
+    from .config import TemplateConfig, default_of
 
-    default: int = TemplateConfig.model_fields["max_length"].default
+    default: int = default_of(TemplateConfig, "max_length")
     return default

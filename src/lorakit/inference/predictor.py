@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from ..config import EvalConfig, TemplateConfig, default_of
 from ..errors import ModelError, RunError
 from ..runs import METADATA_FILE, RunPaths
 from .decoding import Generation, encode_prompt, generate_batched, stream_generate
@@ -30,10 +31,9 @@ def _max_context(model, tokenizer, max_length: Optional[int]) -> int:
         return limit
     if max_length:
         return max_length
-    from ..config import TemplateConfig
-
     # neither the model nor a run states a limit: the one default for a sequence's length
-    return TemplateConfig.model_fields["max_length"].default
+    default: int = default_of(TemplateConfig, "max_length")
+    return default
 
 
 class Predictor:
@@ -117,10 +117,10 @@ class Predictor:
         self,
         prompts: Sequence[str | list[int]],
         *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        batch_size: int = 16,
+        max_new_tokens: int = default_of(EvalConfig, "max_new_tokens"),
+        temperature: float = default_of(EvalConfig, "temperature"),
+        top_p: float = default_of(EvalConfig, "top_p"),
+        batch_size: int = default_of(EvalConfig, "batch_size"),
         stop_strings: Optional[Sequence[str]] = None,
         seed: Optional[int] = None,
         cancelled: Optional[Callable[[int], bool]] = None,
@@ -147,7 +147,7 @@ class Predictor:
         conversations: list[list[dict]],
         contexts: Optional[Sequence[Optional[str]]] = None,
         *,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = default_of(EvalConfig, "max_new_tokens"),
         **decoding,
     ) -> list[Generation]:
         """One reply per conversation (its prompt messages), rendered with the stored template."""
@@ -227,7 +227,7 @@ def _is_plain_model(folder: Path) -> bool:
 
 def _load_plain(folder: Path, device: str) -> Predictor:
     """A model folder without lorakit.json: usable only with its own chat template."""
-    from ..config import ModelConfig, TemplateConfig
+    from ..config import ModelConfig
     from ..models.loading import detect_task_type, load_base_model, load_tokenizer
     from ..models.precision import choose_precision
     from ..prompting.templates import resolve_template

@@ -13,7 +13,7 @@ import weakref
 from dataclasses import dataclass
 
 from ..config import LoraConfig, TrainConfig
-from .memory import config_default
+from ..config import default_of as config_default
 
 class TensorMemoryTracker:
     """A dispatch mode that tracks live tensor storage bytes and their peak, on any device.

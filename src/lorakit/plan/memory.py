@@ -22,13 +22,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import LoraConfig, ModelConfig, TrainConfig
+from ..config import default_of as config_default
 from .shape import ModelShape
-
-
-def config_default(section: type, key: str):
-    """A config value's one default (config.py), for the parameters below that mirror a config key:
-    a caller that leaves one out gets what a config that leaves it out gets."""
-    return section.model_fields[key].default
 
 GIB = 1024**3
 

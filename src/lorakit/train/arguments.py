@@ -43,7 +43,6 @@ def build_training_args(config: LorakitConfig, paths: RunPaths, precision: str, 
     from transformers import TrainingArguments
 
     tc = config.train
-    _check_names(tc)
     cuda = device == "cuda"
     return TrainingArguments(
         output_dir=str(paths.checkpoints),
@@ -81,9 +80,14 @@ def build_training_args(config: LorakitConfig, paths: RunPaths, precision: str, 
     )
 
 
-def _check_names(tc) -> None:
+def check_optimizer(tc) -> None:
     """Optimizer and scheduler names are checked at config load; what the device must offer is
-    checked here."""
+    checked here, in the recipe's setup before any weights load.
+
+    Raises:
+        ConfigError: a bitsandbytes optimizer without CUDA.
+        MissingExtraError: bitsandbytes is not installed.
+    """
     if "8bit" in tc.optimizer or "bnb" in tc.optimizer or tc.optimizer.startswith("paged"):
         # bitsandbytes optimizers: fail in setup with the fix, not in the Trainer with a traceback
         from ..errors import require

@@ -25,7 +25,7 @@ from ..run_metadata import (
     write_metadata,
 )
 from ..runs import RunPaths, prepare_run_dir, publish_run, read_metrics, run_dir_for
-from .arguments import build_training_args
+from .arguments import build_training_args, check_optimizer
 from .callbacks import (
     CheckpointCompletionCallback,
     InterruptCallback,
@@ -164,6 +164,7 @@ def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_l
     # setup: everything that can fail on user input fails here, before any weights load
     device = default_device()
     check_quantization(config.model)
+    check_optimizer(tc)
     dtype, precision = choose_precision(config.model.precision, device)
     prepared = prepare(config)
     task_type, tokenizer, splits, template = prepared.task_type, prepared.tokenizer, prepared.splits, prepared.template
