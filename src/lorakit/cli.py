@@ -8,6 +8,7 @@ command so that `lorakit --help` stays instant.
 from __future__ import annotations
 
 import sys
+from typing import Any
 from pathlib import Path
 
 import typer
@@ -117,14 +118,21 @@ def score(
     score_predictions(str(predictions), str(data), out_dir=str(out) if out else None, no_answer=no_answer)
 
 
+def _eval_default(key: str) -> Any:
+    from .config import EvalConfig, default_of
+
+    return default_of(EvalConfig, key)
+
+
 @app.command()
 def generate(
     run: Path = typer.Argument(..., help="Run folder, adapter folder or merged-model folder."),
     question: str = typer.Argument(..., help="The question or instruction."),
     context: str | None = typer.Option(None, "--context", help="A passage, or a path to a text file holding one."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    # the same decoding as `lorakit eval` by default: eval.* in config.py owns these defaults
+    max_new_tokens: int = typer.Option(_eval_default("max_new_tokens"), "--max-new-tokens", min=1),
+    temperature: float = typer.Option(_eval_default("temperature"), "--temperature", min=0.0),
+    top_p: float = typer.Option(_eval_default("top_p"), "--top-p", min=0.0, max=1.0),
 ):
     """Answer one question with the run's own template."""
     from .cli_commands import generate_command
