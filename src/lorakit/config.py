@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -42,12 +42,12 @@ class DataConfig(Section):
         "auto", "squad", "squad_flat", "qa", "faq", "alpaca", "sharegpt", "messages", "columns"
     ] = Field("auto", description="Input format; auto detects it and says which it found.")
     column_map: dict[str, str] = Field(default_factory=dict, description="Canonical field -> column name, e.g. {question: Q, answer: A, context: passage}.")
-    validation_path: Optional[str] = Field(None, description="An explicit validation file (replaces the ratio split for validation).")
-    test_path: Optional[str] = Field(None, description="An explicit test file (replaces the ratio split for test).")
+    validation_path: str | None = Field(None, description="An explicit validation file (replaces the ratio split for validation).")
+    test_path: str | None = Field(None, description="An explicit test file (replaces the ratio split for test).")
     split: SplitConfig = Field(default_factory=SplitConfig)
     split_by: Literal["auto", "context", "group", "record"] = Field("auto", description="auto keeps records of one passage/article in one split when the data has passages.")
     seed: int = Field(42, description="Seed of the train/validation/test split.")
-    max_records: Optional[int] = Field(None, gt=0, description="Use at most this many records (after cleaning).")
+    max_records: int | None = Field(None, gt=0, description="Use at most this many records (after cleaning).")
     deduplicate: bool = Field(True, description="Drop exact duplicate records (reported).")
     no_answer: str = Field("unanswerable", min_length=1, description="Target text for unanswerable questions (SQuAD 2.0).")
     hub_split: str = Field("train", description="Split to read when data.path is a hub dataset name.")
@@ -55,29 +55,29 @@ class DataConfig(Section):
 
 class TemplateConfig(Section):
     name: str = Field("auto", description="auto, chat (model's own), human_assistant, question_answer, alpaca, context_qa, or custom.")
-    custom: Optional[str] = Field(None, description="Jinja template text (used when name is custom).")
-    system_prompt: Optional[str] = Field(None, description="A system prompt rendered into every example (stored with the run).")
+    custom: str | None = Field(None, description="Jinja template text (used when name is custom).")
+    system_prompt: str | None = Field(None, description="A system prompt rendered into every example (stored with the run).")
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: completion only).")
     max_length: int = Field(1024, ge=16, description="Token limit per example; the context is shortened first, the answer never cut.")
 
 
 class ModelConfig(Section):
     name_or_path: str = Field(..., description="Hub id, local folder, or local .gguf file.")
-    gguf_file: Optional[str] = Field(None, description="GGUF file name inside name_or_path (a folder).")
-    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
+    gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path (a folder).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     task_type: Literal["auto", "causal", "seq2seq"] = Field("auto", description="auto reads it from the model config (encoder-decoder -> seq2seq).")
     precision: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: float32 on CPU, bf16 on GPUs that have it, fp16 + float32 master weights otherwise (T4).")
     quantization: Literal["none", "4bit", "8bit"] = Field("none", description="4bit = QLoRA (NF4, double quantization); needs a CUDA GPU and bitsandbytes.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
-    attn_implementation: Optional[str] = Field(None, description="eager, sdpa or flash_attention_2 (None: transformers chooses).")
-    device_map: Optional[str] = Field(None, description="auto spreads a model that does not fit one GPU over all visible GPUs.")
+    attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2 (None: transformers chooses).")
+    device_map: str | None = Field(None, description="auto spreads a model that does not fit one GPU over all visible GPUs.")
 
 
 class LoraConfig(Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: Union[Literal["auto", "all-linear"], list[str]] = Field("auto", description="auto: the family's attention projections (q_proj/v_proj, q/v for T5); all-linear; or a list.")
+    target_modules: Literal["auto", "all-linear"] | list[str] = Field("auto", description="auto: the family's attention projections (q_proj/v_proj, q/v for T5); all-linear; or a list.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
@@ -85,7 +85,7 @@ class LoraConfig(Section):
 
 class TrainConfig(Section):
     output_dir: str = Field("runs", description="Parent folder of run folders.")
-    run_name: Optional[str] = Field(None, description="Run folder name (default: derived from the config file and model).")
+    run_name: str | None = Field(None, description="Run folder name (default: derived from the config file and model).")
     epochs: float = Field(3.0, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Optimizer steps; -1 means use epochs.")
     micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
@@ -98,15 +98,15 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Training seed (initialisation, shuffling, dropout).")
     logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and tokens/s every N steps.")
-    eval_every: Optional[int] = Field(None, ge=1, description="Validation loss every N steps (None: once per epoch).")
-    save_every: Optional[int] = Field(None, ge=1, description="Checkpoint every N steps (None: once per epoch).")
+    eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (None: once per epoch).")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (None: once per epoch).")
     save_total_limit: int = Field(3, ge=1, description="Checkpoints kept (the best one is always kept).")
-    best_metric: Optional[str] = Field("eval_loss", description="Metric that picks the best checkpoint (eval_loss, eval_f1, ...).")
-    early_stopping_patience: Optional[int] = Field(None, ge=1, description="Stop after N evaluations without improvement of best_metric.")
+    best_metric: str | None = Field("eval_loss", description="Metric that picks the best checkpoint (eval_loss, eval_f1, ...).")
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N evaluations without improvement of best_metric.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
     report_to: list[str] = Field(default_factory=list, description="tensorboard, wandb, mlflow.")
-    generation_eval_every: Optional[int] = Field(None, ge=1, description="Every N steps, evaluate by generating answers for a validation subset: logs eval_exact_match and eval_f1 (usable as best_metric and for early stopping); sets the evaluation interval.")
+    generation_eval_every: int | None = Field(None, ge=1, description="Every N steps, evaluate by generating answers for a validation subset: logs eval_exact_match and eval_f1 (usable as best_metric and for early stopping); sets the evaluation interval.")
     generation_eval_examples: int = Field(32, ge=1, description="Validation examples used by generation_eval_every.")
     auto_fit: bool = Field(False, description="Pick micro-batch, accumulation, checkpointing to fit the device (see lorakit plan --fit).")
     overwrite: bool = Field(False, description="Allow training into a run folder that already holds a finished adapter.")
@@ -130,7 +130,7 @@ class TrainConfig(Section):
 
     @field_validator("best_metric")
     @classmethod
-    def _known_metric(cls, value: Optional[str]) -> Optional[str]:
+    def _known_metric(cls, value: str | None) -> str | None:
         if value:
             _one_of(_eval_name(value), "best_metric", ["eval_loss", *GENERATION_METRICS], extra=", or null")
         return value
@@ -166,8 +166,8 @@ class EvalConfig(Section):
     batch_size: int = Field(16, ge=1, description="Questions generated together (batched, left-padded).")
     temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with temperature > 0).")
-    max_examples: Optional[int] = Field(None, ge=1, description="Score at most this many examples.")
-    lang: Optional[str] = Field(None, description="Language code for answer normalization (fa, bn, ...); None picks per example from the references.")
+    max_examples: int | None = Field(None, ge=1, description="Score at most this many examples.")
+    lang: str | None = Field(None, description="Language code for answer normalization (fa, bn, ...); None picks per example from the references.")
     bleu_tokenize: str = Field("auto", description="sacreBLEU tokenizer: auto, 13a, intl, char, zh, ...")
 
     @field_validator("bleu_tokenize")
@@ -186,7 +186,7 @@ class ServeConfig(Section):
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
-    api_key: Optional[str] = Field(None, description="Require this bearer token (or set LORAKIT_API_KEY).")
+    api_key: str | None = Field(None, description="Require this bearer token (or set LORAKIT_API_KEY).")
     max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
     max_batch_size: int = Field(8, ge=1, description="Requests generated together.")
     max_wait_ms: float = Field(10.0, ge=0, description="How long the worker waits to gather a batch of compatible requests.")

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -59,10 +59,10 @@ def write_metadata(
     *,
     base: dict[str, Any],
     task_type: str,
-    template: "Template",
+    template: Template,
     precision: str,
     max_length: int,
-    extra: Optional[dict[str, Any]] = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write `lorakit.json`: everything needed to use the adapter again without the config.
 
@@ -96,17 +96,17 @@ class RunInfo:
     """What a run (or a merged model folder) says about itself."""
 
     root: Path
-    adapter_dir: Optional[Path]
+    adapter_dir: Path | None
     base: dict[str, Any]
     task_type: str
-    template: "Template"
+    template: Template
     precision: str
     max_length: int
-    config: Optional["LorakitConfig"] = None
+    config: LorakitConfig | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def system_prompt(self) -> Optional[str]:
+    def system_prompt(self) -> str | None:
         """The run's default system prompt: the template's own (stored once, in lorakit.json's template)."""
         return self.template.system
 
@@ -120,7 +120,7 @@ class RunInfo:
         return self.adapter_dir is None
 
 
-def _locate(path: Path) -> tuple[Path, Optional[Path], Path]:
+def _locate(path: Path) -> tuple[Path, Path | None, Path]:
     """(root, adapter_dir or None, folder holding lorakit.json) for a run, adapter or merged folder."""
     if not path.exists():
         raise RunError(
@@ -154,7 +154,7 @@ def _locate(path: Path) -> tuple[Path, Optional[Path], Path]:
     )
 
 
-def _load_config(config_path: Path) -> Optional["LorakitConfig"]:
+def _load_config(config_path: Path) -> LorakitConfig | None:
     if not config_path.is_file():
         return None
     from .config_loading import validate_config
@@ -218,7 +218,7 @@ def _stored_template(metadata: dict[str, Any], template_type: type[Template]) ->
     return template
 
 
-def _default_max_length(config: Optional["LorakitConfig"]) -> int:
+def _default_max_length(config: LorakitConfig | None) -> int:
     """A lorakit.json without max_length: the run's config.yaml, else the config's own default."""
     if config is not None:
         return config.template.max_length

@@ -7,9 +7,9 @@ lorakit.json: the template a run was trained with is the one it is prompted with
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
 
 from ..config import EvalConfig, TemplateConfig, default_of
 from ..errors import ModelError, RunError
@@ -19,7 +19,7 @@ from .decoding import Generation, encode_prompt, generate_batched, stream_genera
 _POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
-def _max_context(model, tokenizer, max_length: Optional[int]) -> int:
+def _max_context(model, tokenizer, max_length: int | None) -> int:
     """The longest prompt + completion the model can take: its positions, else the tokenizer's limit."""
     config = getattr(model, "config", None)
     for attr in _POSITION_ATTRS:
@@ -52,8 +52,8 @@ class Predictor:
         *,
         task_type: str,
         name: str,
-        adapter_name: Optional[str] = None,
-        max_length: Optional[int] = None,
+        adapter_name: str | None = None,
+        max_length: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -66,7 +66,7 @@ class Predictor:
 
     # --- prompts ------------------------------------------------------------------------------
 
-    def prompt_for(self, messages: list[dict], context: Optional[str] = None) -> str:
+    def prompt_for(self, messages: list[dict], context: str | None = None) -> str:
         """The rendered prompt text for a conversation (ending where the reply begins)."""
         from ..prompting.templates import render_prompt
 
@@ -75,7 +75,7 @@ class Predictor:
     def count_tokens(self, text: str) -> int:
         return len(encode_prompt(self.tokenizer, text, self.task_type))
 
-    def prompt_ids(self, messages: list[dict], context: Optional[str] = None, *, max_new_tokens: int = 0) -> list[int]:
+    def prompt_ids(self, messages: list[dict], context: str | None = None, *, max_new_tokens: int = 0) -> list[int]:
         """Prompt ids built exactly as training built them; a context that makes the prompt too
         long is cut (keeping its start, as nothing may peek at the answer here).
 
@@ -84,7 +84,7 @@ class Predictor:
         """
         from ..prompting.encoding import encode_prompt as encode_conversation
 
-        def build(text: Optional[str]) -> list[int]:
+        def build(text: str | None) -> list[int]:
             return encode_conversation(self.template, self.tokenizer, messages, text)
 
         budget = self.max_context - max_new_tokens
@@ -110,7 +110,7 @@ class Predictor:
         if self.adapter_name and getattr(self.model, "active_adapter", None) != self.adapter_name:
             self.model.set_adapter(self.adapter_name)
 
-    def _stops(self, extra: Optional[Sequence[str]]) -> list[str]:
+    def _stops(self, extra: Sequence[str] | None) -> list[str]:
         return list(dict.fromkeys([*self.template.stop_strings, *(extra or [])]))
 
     def generate_prompts(
@@ -121,9 +121,9 @@ class Predictor:
         temperature: float = default_of(EvalConfig, "temperature"),
         top_p: float = default_of(EvalConfig, "top_p"),
         batch_size: int = default_of(EvalConfig, "batch_size"),
-        stop_strings: Optional[Sequence[str]] = None,
-        seed: Optional[int] = None,
-        cancelled: Optional[Callable[[int], bool]] = None,
+        stop_strings: Sequence[str] | None = None,
+        seed: int | None = None,
+        cancelled: Callable[[int], bool] | None = None,
     ) -> list[Generation]:
         """Complete raw prompts (text, or ids), stopping at the template's stop strings too.
         cancelled(i) True ends prompt i early (see generate_batched)."""
@@ -145,7 +145,7 @@ class Predictor:
     def generate(
         self,
         conversations: list[list[dict]],
-        contexts: Optional[Sequence[Optional[str]]] = None,
+        contexts: Sequence[str | None] | None = None,
         *,
         max_new_tokens: int = default_of(EvalConfig, "max_new_tokens"),
         **decoding,
@@ -164,9 +164,9 @@ class Predictor:
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
-        stop_strings: Optional[Sequence[str]] = None,
-        seed: Optional[int] = None,
-        batch_size: Optional[int] = None,  # accepted so the same decoding options work everywhere
+        stop_strings: Sequence[str] | None = None,
+        seed: int | None = None,
+        batch_size: int | None = None,  # accepted so the same decoding options work everywhere
         stopping_criteria: Sequence = (),
     ) -> Iterator[str]:
         """Yield the completion of a raw prompt piece by piece."""
@@ -184,7 +184,7 @@ class Predictor:
             stopping_criteria=stopping_criteria,
         )
 
-    def stream(self, messages: list[dict], context: Optional[str] = None, *, max_new_tokens: int = 256, **decoding) -> Iterator[str]:
+    def stream(self, messages: list[dict], context: str | None = None, *, max_new_tokens: int = 256, **decoding) -> Iterator[str]:
         """Yield the reply to a conversation piece by piece."""
         ids = self.prompt_ids(messages, context, max_new_tokens=max_new_tokens)
         return self.stream_prompt(ids, max_new_tokens=max_new_tokens, **decoding)
@@ -248,7 +248,7 @@ def _load_plain(folder: Path, device: str) -> Predictor:
     return Predictor(model, tokenizer, template, task_type=task_type, name=folder.resolve().name)
 
 
-def load_predictor(path: str | os.PathLike, *, device: Optional[str] = None, adapter: bool = True) -> Predictor:
+def load_predictor(path: str | os.PathLike, *, device: str | None = None, adapter: bool = True) -> Predictor:
     """Load a run folder, its adapter folder, or a merged model folder, ready to generate.
 
     adapter=False loads the base model alone, with the run's template (for a merged folder: the

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..config import LoraConfig, TrainConfig
 from ..config import default_of as config_default
 
+
 class TensorMemoryTracker:
     """A dispatch mode that tracks live tensor storage bytes and their peak, on any device.
 

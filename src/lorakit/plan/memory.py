@@ -19,7 +19,6 @@ checked against measured peaks in tests/test_plan.py and bench/bench_plan_accura
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ..config import LoraConfig, ModelConfig, TrainConfig
 from ..config import default_of as config_default
@@ -163,7 +162,7 @@ def estimate_step_memory(
     *,
     micro_batch: int,
     seq_len: int,
-    target_len: Optional[int] = None,
+    target_len: int | None = None,
     lora_r: int = config_default(LoraConfig, "r"),
     lora_dropout: float = config_default(LoraConfig, "dropout"),
     target_modules=config_default(LoraConfig, "target_modules"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import signal
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import yaml
@@ -45,7 +45,7 @@ class TrainingInterrupted(RunError):
 
     exit_code = 130
 
-    def __init__(self, message: str, *, hint: Optional[str] = None, exit_code: int = 130):
+    def __init__(self, message: str, *, hint: str | None = None, exit_code: int = 130):
         super().__init__(message, hint=hint)
         self.exit_code = exit_code
 
@@ -68,8 +68,8 @@ def train(
     *,
     resume: bool = False,
     allow_config_change: bool = False,
-    on_log: Optional[Callable[[dict], None]] = None,
-    callbacks: Optional[list] = None,
+    on_log: Callable[[dict], None] | None = None,
+    callbacks: list | None = None,
 ) -> RunPaths:
     """Train a LoRA adapter as configured and write the run folder; returns its paths.
 
@@ -104,8 +104,8 @@ def _train(
     *,
     resume: bool,
     allow_config_change: bool,
-    on_log: Optional[Callable[[dict], None]],
-    callbacks: Optional[list],
+    on_log: Callable[[dict], None] | None,
+    callbacks: list | None,
 ) -> RunPaths:
     """One training attempt (see train).
 
