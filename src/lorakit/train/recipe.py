@@ -16,7 +16,7 @@ import yaml
 from rich.console import Console
 
 from ..config import LorakitConfig
-from ..errors import DataError, RunError
+from ..errors import DataError, RunError, TrainingInterrupted  # re-exported: lorakit.train.recipe.TrainingInterrupted
 from ..files import atomic_write_text
 from ..run_metadata import (
     config_changes,
@@ -38,16 +38,6 @@ from .callbacks import (
 from .generation_eval import GenerationEvalTrainer
 
 console = Console(stderr=True)
-
-
-class TrainingInterrupted(RunError):
-    """Ctrl-C (exit 130) or SIGTERM (exit 143) stopped training after saving a checkpoint; `--resume` continues it."""
-
-    exit_code = 130
-
-    def __init__(self, message: str, *, hint: str | None = None, exit_code: int = 130):
-        super().__init__(message, hint=hint)
-        self.exit_code = exit_code
 
 
 class FeatureDataset(torch.utils.data.Dataset):
