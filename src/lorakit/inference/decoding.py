@@ -100,7 +100,7 @@ class StopOnStrings(StoppingCriteria):
         # a token spells at least one byte, so this many tokens always cover the longest string
         self.window = max((len(s.encode("utf-8")) for s in self.stop_strings), default=0) + 1
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.Tensor:
         generated = input_ids[:, self.prompt_width :]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         if not self.stop_strings or generated.shape[1] == 0:
@@ -121,7 +121,7 @@ class _Cancelled(StoppingCriteria):
     def __init__(self, event: threading.Event):
         self.event = event
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
@@ -132,7 +132,7 @@ class _RowsCancelled(StoppingCriteria):
         self.cancelled = cancelled
         self.indices = list(indices)  # batch row -> index in the caller's prompt list
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.Tensor:
         return torch.tensor([bool(self.cancelled(i)) for i in self.indices], dtype=torch.bool, device=input_ids.device)
 
 
@@ -179,7 +179,7 @@ def _finish(tokenizer, row: list[int], *, prompt_tokens, eos_ids, stopped_at, st
     cut = _first_stop(text, stop_strings)
     if cut >= 0:
         text = text[:cut]
-    reason = "stop" if finished or cut >= 0 or len(row) < max_new_tokens else "length"
+    reason: Literal["stop", "length"] = "stop" if finished or cut >= 0 or len(row) < max_new_tokens else "length"
     return Generation(text, raw_text, prompt_tokens, len(row), reason)
 
 
