@@ -60,7 +60,7 @@ def inputs_digest() -> str:
 def stored_digest(lock: Path = LOCK) -> str | None:
     for line in lock.read_text(encoding="utf-8").splitlines():
         if line.startswith(DIGEST_PREFIX):
-            return line[len(DIGEST_PREFIX):].strip()
+            return line[len(DIGEST_PREFIX) :].strip()
     return None
 
 
@@ -84,10 +84,20 @@ def _lines(path: Path) -> list[str]:
 def compile_lock(uv: str) -> None:
     build = "\n".join(inputs()["build-system"]) + "\n"
     command = [
-        uv, "pip", "compile", "pyproject.toml", "-", *(f"--extra={extra}" for extra in EXTRAS),
-        "--universal", f"--python-version={PYTHON_FLOOR}", "--generate-hashes", "--no-header",
-        f"--constraints={TORCH.relative_to(ROOT)}", f"--excludes={CUDA_ONLY.relative_to(ROOT)}",
-        "--no-emit-package=torch", "--quiet",
+        uv,
+        "pip",
+        "compile",
+        "pyproject.toml",
+        "-",
+        *(f"--extra={extra}" for extra in EXTRAS),
+        "--universal",
+        f"--python-version={PYTHON_FLOOR}",
+        "--generate-hashes",
+        "--no-header",
+        f"--constraints={TORCH.relative_to(ROOT)}",
+        f"--excludes={CUDA_ONLY.relative_to(ROOT)}",
+        "--no-emit-package=torch",
+        "--quiet",
     ]
     # UV_* settings of the caller's machine (another index, a cut-off date) would change the result.
     env = {k: v for k, v in os.environ.items() if not k.startswith("UV_")}
@@ -115,12 +125,20 @@ def verify() -> int:
 
     from packaging.utils import canonicalize_name
 
-    wanted = {canonicalize_name(r.name): str(r.specifier)[2:] for r in locked() if r.marker is None or r.marker.evaluate()}
+    wanted = {
+        canonicalize_name(r.name): str(r.specifier)[2:] for r in locked() if r.marker is None or r.marker.evaluate()
+    }
     have = {canonicalize_name(d.metadata["Name"]): d.version for d in distributions()}
-    problems = [f"{name}: locked {version}, installed {have.get(name, 'nothing')}"
-                for name, version in sorted(wanted.items()) if have.get(name) != version]
-    problems += [f"{name} {version}: installed but not in the lock" for name, version in sorted(have.items())
-                 if name not in wanted and name not in NOT_LOCKED]
+    problems = [
+        f"{name}: locked {version}, installed {have.get(name, 'nothing')}"
+        for name, version in sorted(wanted.items())
+        if have.get(name) != version
+    ]
+    problems += [
+        f"{name} {version}: installed but not in the lock"
+        for name, version in sorted(have.items())
+        if name not in wanted and name not in NOT_LOCKED
+    ]
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
