@@ -224,7 +224,8 @@ def _parse_jsonl(text: str, path: Path, kind: str) -> RawData:
 def _read_delimited(path: Path, delimiter: str, kind: str) -> RawData:
     csv.field_size_limit(sys.maxsize)  # long passages exceed the 128 KiB default
     # restval marks short rows: DictReader would otherwise fill them with None silently
-    reader = csv.DictReader(io.StringIO(_decode(path), newline=""), delimiter=delimiter, restval=_MISSING)
+    # typeshed wants a str restval; csv stores any object there, and the sentinel must not be a string
+    reader = csv.DictReader(io.StringIO(_decode(path), newline=""), delimiter=delimiter, restval=_MISSING)  # type: ignore[call-overload]
     records, lines = [], []
     try:
         if not reader.fieldnames:

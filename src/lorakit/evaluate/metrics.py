@@ -287,7 +287,8 @@ def bleu_score(predictions: Sequence[str], references_list: Sequence[Sequence[st
     depth = max(len(refs) for refs in references_list)
     streams = [[refs[k] if k < len(refs) else None for refs in references_list] for k in range(depth)]
     try:
-        return float(sacrebleu.corpus_bleu(list(predictions), streams, tokenize=tokenize).score)
+        # the None padding is sacreBLEU's documented way to give examples fewer references; its hints omit it
+        return float(sacrebleu.corpus_bleu(list(predictions), streams, tokenize=tokenize).score)  # type: ignore[arg-type]
     except (ImportError, OSError, RuntimeError) as exc:
         raise EvalError(
             f"The BLEU tokenizer {tokenize!r} (eval.bleu_tokenize) could not be loaded: {exc}",

@@ -80,7 +80,7 @@ def apply_lora(model, lora_config: LoraConfig, task_type: str, *, gradient_check
     peft_config = PeftLoraConfig(
         task_type=TaskType.SEQ_2_SEQ_LM if task_type == "seq2seq" else TaskType.CAUSAL_LM,
         r=lora_config.r,
-        lora_alpha=lora_config.alpha,
+        lora_alpha=lora_config.alpha,  # type: ignore[arg-type]  # peft hints int; it only divides by r, a float works
         lora_dropout=lora_config.dropout,
         target_modules=targets,
         use_dora=lora_config.use_dora,
