@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -72,7 +73,7 @@ class Template:
     def render(self, messages: list[dict], context=None, system=None, add_generation_prompt=False) -> str:
         """Render the conversation to text (see the module docstring for the variables)."""
         system_text, turns = _split_system(messages, system if system is not None else self.system)
-        variables = dict(self.special_tokens)
+        variables: dict[str, Any] = dict(self.special_tokens)
         if self.uses_model_chat_template:
             turns = _chat_messages(turns, context, system_text)
         variables.update(
@@ -201,7 +202,7 @@ def resolve_template(config, tokenizer, task_type: str = "causal", has_context: 
         template = Template("chat", chat_source, [], True, task_type, system, _special_tokens(tokenizer))
         template.stop_strings = _derive_stop_strings(template)
     elif name == "custom":
-        source = getattr(config, "custom", None)
+        source = getattr(config, "custom", None) or ""
         if not source:
             raise TemplateError(
                 "template.name is 'custom' but template.custom is empty.",
