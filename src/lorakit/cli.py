@@ -8,8 +8,8 @@ command so that `lorakit --help` stays instant.
 from __future__ import annotations
 
 import sys
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import typer
 
