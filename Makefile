@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 LOCK := requirements/lock.txt
 UV_VERSION := 0.13.9
 
-.PHONY: install lock test lint demo bench clean
+.PHONY: install lock test lint format demo bench clean
 
 # torch after the lock, so its pure-Python dependencies are already the locked ones; pip's local
 # CPU wheel satisfies torch==2.13.0 here, and a GPU machine gets PyPI's build with its CUDA libraries.
@@ -39,6 +39,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check . || status=1; \
 	$(VENV)/bin/mypy || status=1; \
 	exit $$status
+
+# Applies what ruff can fix by itself (import order, syntax upgrades) and the formatting.
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 demo: $(STAMP)
 	$(VENV)/bin/lorakit demo
