@@ -118,5 +118,6 @@ def test_run_demo_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypat
         assert 0 <= result[side]["f1"] <= 100 and result[side]["never_stops_rate"] is not None
     assert result["n_test"] >= 25
     assert Path(result["report"]).is_file() and Path(result["run"], "adapter").is_dir()
-    printed = capsys.readouterr().out
-    assert "| F1 |" in printed and "never stops" in printed and result["report"] in printed
+    assert capsys.readouterr().out == ""  # a library function: `lorakit demo` prints the table
+    table = demo.format_table(result)
+    assert "| F1 |" in table and "never stops" in table and result["report"] in table

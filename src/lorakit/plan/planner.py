@@ -67,6 +67,16 @@ def plan_run(config: LorakitConfig, gpu: str = "cpu", memory_gb: float | None = 
              shape: ModelShape | None = None, lengths: DataLengths | None = None, advise: bool = True) -> Plan:
     """Predict memory and time for training `config` on `gpu`, without loading any weights.
 
+    Args:
+        config: a validated config.
+        gpu: "t4", "l4", "a10g", "a100-40g", "a100-80g", "h100" or "cpu" (plan.devices.DEVICES).
+        memory_gb: override the device's memory.
+        shape, lengths: the model shape and data lengths, when the caller already read them.
+        advise: add suggestions for a plan that does not fit.
+
+    Returns:
+        The plan: peak memory part by part, time per step and per run, notes and advice.
+
     Raises:
         ModelError: the model cannot be read, or the precision/quantization cannot run on `gpu`.
         DataError, TemplateError: the training data cannot be loaded or rendered.

@@ -335,7 +335,7 @@ def run_server(paths: list[str], settings: ServeConfig | None = None, *, device:
     app = create_app(paths, settings, device=device)
     names = ", ".join(app.state.lorakit.models)
     key_note = "an API key is required" if (settings.api_key or os.environ.get(API_KEY_ENV)) else "no API key"
-    print(f"Serving {names} at http://{host}:{port}/v1 ({key_note}); Ctrl+C stops.", flush=True)
+    logger.info(f"Serving {names} at http://{host}:{port}/v1 ({key_note}); Ctrl+C stops.")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

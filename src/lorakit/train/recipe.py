@@ -7,13 +7,13 @@ per-step metrics and the loss curve.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import signal
 from collections.abc import Callable
 
 import torch
 import yaml
-from rich.console import Console
 
 from ..config import LorakitConfig
 from ..errors import DataError, RunError, TrainingInterrupted  # re-exported: lorakit.train.recipe.TrainingInterrupted
@@ -37,7 +37,7 @@ from .callbacks import (
 )
 from .generation_eval import GenerationEvalTrainer
 
-console = Console(stderr=True)
+logger = logging.getLogger("lorakit.train")  # the CLI shows these lines on stderr
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -65,7 +65,25 @@ def train(
 
     With train.auto_fit the micro-batch, accumulation, checkpointing (and on GPUs 4-bit) are
     first chosen to fit the device (lorakit plan --fit). An out-of-memory error before the first
-    checkpoint halves the micro-batch and doubles the accumulation, then starts again.
+    checkpoint halves the micro-batch and doubles the accumulation, then starts again. Progress
+    is logged (logger "lorakit.train"); a live bar is drawn on a terminal.
+
+    Args:
+        config: a validated config (config_loading.load_config).
+        resume: continue from the newest complete checkpoint of the run.
+        allow_config_change: with resume, accept a config that differs from the run's (recorded).
+        on_log: called with each record appended to metrics.jsonl (step, loss, eval_loss, ...).
+        callbacks: extra transformers TrainerCallbacks (tracking, tests).
+
+    Returns:
+        The run folder's paths (adapter, config.yaml, metrics.jsonl, checkpoints).
+
+    Raises:
+        ConfigError: a setting the device cannot run (e.g. a bitsandbytes optimizer without CUDA).
+        DataError, TemplateError, ModelError: the data, template or model cannot be loaded or used.
+        RunError: the run folder holds a finished run (without resume or train.overwrite), resume
+            found no complete checkpoint or a changed config, or the loss became NaN/infinite.
+        TrainingInterrupted: Ctrl-C or SIGTERM stopped training (a checkpoint was saved).
     """
     from ..plan.fitting import run_with_oom_backoff
 
@@ -75,7 +93,7 @@ def train(
     def attempt(current: LorakitConfig) -> RunPaths:
         return _train(current, resume=resume, allow_config_change=allow_config_change, on_log=on_log, callbacks=callbacks)
 
-    return run_with_oom_backoff(attempt, config, log=lambda message: console.print(f"[yellow]{message}"))
+    return run_with_oom_backoff(attempt, config, log=logger.warning)
 
 
 def _auto_fit(config: LorakitConfig) -> LorakitConfig:
@@ -85,7 +103,7 @@ def _auto_fit(config: LorakitConfig) -> LorakitConfig:
     device, memory_gb = detect_device()
     fitted, choices = fit_config(config, device, memory_gb)
     for choice in choices:
-        console.print(f"[cyan]auto_fit[/cyan]: {choice}")
+        logger.info(f"auto_fit: {choice}")
     return fitted
 
 
@@ -116,7 +134,8 @@ def _train(
 
     tc = config.train
     main = is_main_process()  # under torchrun only rank 0 writes the run folder and prints
-    console.quiet = not main
+    if not main:  # under torchrun only rank 0 reports (a process of its own: nothing else is affected)
+        logger.setLevel(logging.ERROR)
     paths = prepare_run_dir(run_dir_for(config), resume=resume, overwrite=tc.overwrite)
     checkpoint = paths.latest_checkpoint() if resume else None
     changes = {}
@@ -159,7 +178,7 @@ def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_l
     prepared = prepare(config)
     task_type, tokenizer, splits, template = prepared.task_type, prepared.tokenizer, prepared.splits, prepared.template
     train_features, stats = prepared.train_features, prepared.train_stats
-    console.print(f"[bold]train data[/bold] ({splits.format}, split by {splits.split_by}): {stats.summary()}")
+    logger.info(f"train data ({splits.format}, split by {splits.split_by}): {stats.summary()}")
     if not train_features:
         raise DataError(
             f"{config.data.path}: every training record was dropped while tokenizing ({stats.dropped[0][1]}).",
@@ -167,24 +186,24 @@ def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_l
         )
     eval_features = prepared.validation_features
     if prepared.validation_stats is not None:
-        console.print(f"[bold]validation data[/bold]: {prepared.validation_stats.summary().splitlines()[0]}")
+        logger.info(f"validation data: {prepared.validation_stats.summary().splitlines()[0]}")
 
     set_seed(tc.seed)  # the LoRA initialisation is random too
     model = load_base_model(config.model, task_type, dtype=dtype, device=None)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model = apply_lora(model, config.lora, task_type, gradient_checkpointing=tc.gradient_checkpointing)
-    console.print(f"[bold]LoRA[/bold]: {trainable_summary(model)}")
+    logger.info(f"LoRA: {trainable_summary(model)}")
 
     args = build_training_args(config, paths, precision, device, has_eval=bool(eval_features))
     if main:
         if not resume:
             _clear_run(paths)  # only now: a setup error must not cost an existing run
         for folder in paths.incomplete_checkpoints():
-            console.print(f"[yellow]skipping {folder.name}: its save was interrupted (incomplete); removed it")
+            logger.warning(f"skipping {folder.name}: its save was interrupted (incomplete); removed it")
             shutil.rmtree(folder)
         if checkpoint is not None:
-            console.print(f"resuming from {checkpoint}")
+            logger.info(f"resuming from {checkpoint}")
         atomic_write_text(paths.config, config.to_yaml())  # an interrupted run still describes itself
         if changes:
             record_config_change(paths, int(checkpoint.name.split("-")[1]), changes)
@@ -194,14 +213,14 @@ def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_l
     interrupt = InterruptCallback()
     guard = NonFiniteGuard()
     guard.attach(model)
-    progress = RichProgressCallback(console)
+    progress = RichProgressCallback()  # the live bar is UI: it draws on stderr itself
     writers = [MetricsFileCallback(paths.metrics, on_log), progress] if main else []
     completion = CheckpointCompletionCallback(keep=tc.save_total_limit, main=main)
     all_callbacks = [*writers, completion, guard, interrupt, *(callbacks or [])]
     if tc.early_stopping_patience and args.load_best_model_at_end:
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=tc.early_stopping_patience))
     elif tc.early_stopping_patience:
-        console.print("[yellow]train.early_stopping_patience is ignored: it needs a validation split and train.best_metric")
+        logger.warning("train.early_stopping_patience is ignored: it needs a validation split and train.best_metric")
     generation_eval = None
     if tc.generation_eval_every and eval_features:
         from .generation_eval import make_generation_eval
@@ -281,7 +300,7 @@ def _save(trainer, config, paths: RunPaths, tokenizer, template, task_type, prec
 
     plot_loss(read_metrics(paths.metrics), paths.loss_plot, title=final_root.name)
     paths = publish_run(paths)
-    console.print(f"[bold green]done[/bold green]: adapter saved to {paths.adapter}")
+    logger.info(f"done: adapter saved to {paths.adapter}")
     return paths
 
 
