@@ -118,6 +118,8 @@ def plan_command(config_path, overrides: list[str] | None = None, gpu: str = "cp
                  memory_gb: float | None = None, fit: bool = False, console=None) -> str:
     """`lorakit plan config.yaml [--gpu ...] [--memory-gb N] [--fit]`: print the plan, return its text.
     With --fit (or train.auto_fit: true) the plan shown is the fitted config's, with each choice."""
+    from rich.console import Console
+
     from .config_loading import load_config
     from .plan.estimate import _task_type, data_lengths
     from .plan.fitting import fit_config
@@ -134,4 +136,4 @@ def plan_command(config_path, overrides: list[str] | None = None, gpu: str = "cp
         plan = plan_run(config, gpu, memory_gb, shape=shape, lengths=lengths)
     else:
         plan = plan_run(config, gpu, memory_gb)
-    return render_plan(plan, choices, console)
+    return render_plan(plan, choices, console or Console(record=True))  # stdout: the CLI prints

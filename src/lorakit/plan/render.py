@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .memory import (
     fmt_bytes,
 )
 from .planner import Plan
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def _duration(seconds: float) -> str:
@@ -18,12 +23,23 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def render_plan(plan: Plan, choices: list[str] | None = None, console=None) -> str:
-    """Print the plan with rich (to `console`, default stdout) and return it as plain text."""
+def render_plan(plan: Plan, choices: list[str] | None = None, console: Console | None = None) -> str:
+    """The plan as plain text; drawn with rich on `console` too when one is given (the CLI's).
+
+    Args:
+        plan: what plan_run predicted.
+        choices: the choices fit_config made, shown under "fitted".
+        console: a rich Console to draw on; default none (nothing is printed).
+
+    Returns:
+        The plan as plain text.
+    """
+    import io
+
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(record=True)
+    console = console or Console(record=True, file=io.StringIO())
     if not console.record:
         console.record = True
     s = plan.shape
