@@ -50,8 +50,10 @@ def test_import_lorakit_is_light_and_the_issue_one_liner_works():
         "from lorakit.cli import main\n"
     )
     assert result.returncode == 0, result.stderr
-    result = _run_python("import sys; from lorakit.cli import main; code = main(['--help']); "
-                         "assert 'torch' not in sys.modules and code == 0")
+    result = _run_python(
+        "import sys; from lorakit.cli import main; code = main(['--help']); "
+        "assert 'torch' not in sys.modules and code == 0"
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -62,9 +64,11 @@ def test_train_evaluate_and_plan_call_their_stage_even_after_a_submodule_import(
     import lorakit.plan.planner
     import lorakit.train.recipe
 
-    for name, module, function in [("train", lorakit.train.recipe, "train"),
-                                   ("evaluate", lorakit.evaluate.runner, "evaluate_path"),
-                                   ("plan", lorakit.plan.planner, "plan_run")]:
+    for name, module, function in [
+        ("train", lorakit.train.recipe, "train"),
+        ("evaluate", lorakit.evaluate.runner, "evaluate_path"),
+        ("plan", lorakit.plan.planner, "plan_run"),
+    ]:
         calls = []
         monkeypatch.setattr(module, function, lambda *a, _calls=calls, **k: _calls.append((a, k)) or "result")
         assert getattr(lorakit, name)("x", flag=True) == "result" and calls == [(("x",), {"flag": True})]
@@ -131,18 +135,40 @@ def test_cli_exits_with_the_errors_own_code(monkeypatch, capsys):
     import lorakit.evaluate.runner
 
     def interrupted(*args, **kwargs):
-        raise lorakit.TrainingInterrupted("training interrupted (SIGTERM) at step 3.", hint="use --resume", exit_code=143)
+        raise lorakit.TrainingInterrupted(
+            "training interrupted (SIGTERM) at step 3.", hint="use --resume", exit_code=143
+        )
 
     monkeypatch.setattr(lorakit.evaluate.runner, "score_predictions", interrupted)
     assert main(["score", "p.jsonl", "--data", "d.json"]) == 143
     assert capsys.readouterr().err == "error: training interrupted (SIGTERM) at step 3. Fix: use --resume\n"
 
 
-SQUAD = {"version": "1.1", "data": [{"title": "T", "paragraphs": [{
-    "context": "Paris is the capital of France. The sky is blue.",
-    "qas": [{"id": "a1", "question": "What is the capital of France?", "answers": [{"text": "Paris", "answer_start": 0}]},
-            {"id": "a2", "question": "What colour is the sky?", "answers": [{"text": "blue", "answer_start": 43}]}],
-}]}]}
+SQUAD = {
+    "version": "1.1",
+    "data": [
+        {
+            "title": "T",
+            "paragraphs": [
+                {
+                    "context": "Paris is the capital of France. The sky is blue.",
+                    "qas": [
+                        {
+                            "id": "a1",
+                            "question": "What is the capital of France?",
+                            "answers": [{"text": "Paris", "answer_start": 0}],
+                        },
+                        {
+                            "id": "a2",
+                            "question": "What colour is the sky?",
+                            "answers": [{"text": "blue", "answer_start": 43}],
+                        },
+                    ],
+                }
+            ],
+        }
+    ],
+}
 
 
 def test_score_prints_nothing_itself_and_the_cli_prints_the_lines_it_logs(tmp_path, capsys, caplog):
@@ -164,8 +190,12 @@ def test_score_prints_nothing_itself_and_the_cli_prints_the_lines_it_logs(tmp_pa
     assert printed == [line.replace(str(tmp_path / "lib"), str(tmp_path / "cli")) for line in logged]
 
 
-QA = [("What is the capital of France?", "Paris"), ("Who wrote the book?", "the author"),
-      ("What is the capital of Iran?", "Tehran"), ("hello there", "hi")]
+QA = [
+    ("What is the capital of France?", "Paris"),
+    ("Who wrote the book?", "the author"),
+    ("What is the capital of Iran?", "Tehran"),
+    ("hello there", "hi"),
+]
 
 
 def _train_config(tmp_path: Path, model_dir: Path) -> dict:
@@ -175,8 +205,14 @@ def _train_config(tmp_path: Path, model_dir: Path) -> dict:
         "data": {"path": str(data), "split": {"train": 1.0, "validation": 0.0, "test": 0.0}},
         "model": {"name_or_path": str(model_dir)},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"output_dir": str(tmp_path / "runs"), "run_name": "api", "micro_batch_size": 4,
-                  "max_steps": 2, "logging_steps": 1, "save_every": 1000},
+        "train": {
+            "output_dir": str(tmp_path / "runs"),
+            "run_name": "api",
+            "micro_batch_size": 4,
+            "max_steps": 2,
+            "logging_steps": 1,
+            "save_every": 1000,
+        },
     }
 
 
@@ -192,8 +228,13 @@ def test_train_in_process_prints_nothing_and_the_cli_shows_its_log_lines(tiny_ll
     logged = [r.getMessage() for r in caplog.records if r.name == "lorakit.train"]
     assert logged[0].startswith("train data (") and logged[-1] == f"done: adapter saved to {paths.adapter}"
 
-    result = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", str(config), "--set", "train.run_name=api-cli"],
-                            capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "lorakit.cli", "train", str(config), "--set", "train.run_name=api-cli"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     run = tmp_path / "runs" / "api-cli"
     assert result.stdout.strip().splitlines()[-1] == f"Run folder: {run}"

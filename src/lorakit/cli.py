@@ -43,12 +43,16 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of the run."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes (torchrun) on this machine."),
     allow_config_change: bool = typer.Option(
-        False, "--allow-config-change", help="With --resume: accept a config that differs from the run's (recorded in the run)."
+        False,
+        "--allow-config-change",
+        help="With --resume: accept a config that differs from the run's (recorded in the run).",
     ),
 ):
     """Train a LoRA adapter into runs/<name>/."""
     if allow_config_change and not resume:
-        raise ConfigError("--allow-config-change only applies to --resume.", hint="add --resume, or drop --allow-config-change")
+        raise ConfigError(
+            "--allow-config-change only applies to --resume.", hint="add --resume, or drop --allow-config-change"
+        )
     if allow_config_change and nproc > 1:
         raise ConfigError(
             "--allow-config-change cannot be combined with --nproc yet.",
@@ -81,12 +85,16 @@ def eval_(
     run: Path = typer.Argument(..., help="Run folder, adapter folder or merged-model folder."),
     data: Path | None = typer.Option(None, "--data", help="Evaluate on this file instead of the run's own split."),
     split: str = typer.Option("test", "--split", help="train, validation or test (of the run's own data)."),
-    compare: str | None = typer.Option(None, "--compare", help="'base': also evaluate the base model, same template and decoding."),
+    compare: str | None = typer.Option(
+        None, "--compare", help="'base': also evaluate the base model, same template and decoding."
+    ),
     max_examples: int | None = typer.Option(None, "--max-examples", min=1),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1),
     out: Path | None = typer.Option(
-        None, "--out", help="Write the outputs exactly here (a new or empty folder) instead of RUN/eval/<split>-<time>/."
+        None,
+        "--out",
+        help="Write the outputs exactly here (a new or empty folder) instead of RUN/eval/<split>-<time>/.",
     ),
 ):
     """Generate answers and score them: EM/F1, ROUGE, BLEU, perplexity, never-stops rate.
@@ -122,7 +130,9 @@ def score(
     from .evaluate.history import summary_lines
     from .evaluate.runner import score_predictions
 
-    result = score_predictions(str(predictions), str(data), out_dir=str(out) if out else None, no_answer=no_answer, verbose=False)
+    result = score_predictions(
+        str(predictions), str(data), out_dir=str(out) if out else None, no_answer=no_answer, verbose=False
+    )
     typer.echo("\n".join(summary_lines(result, result["folder"])))
 
 
@@ -188,12 +198,16 @@ def _serve_help(key: str) -> str:
 @app.command()
 def serve(
     runs: list[str] = typer.Argument(..., help="Run or merged folders; NAME=PATH sets the model id."),
-    config: Path | None = typer.Option(None, "--config", help="A YAML file whose serve: section holds the settings below."),
+    config: Path | None = typer.Option(
+        None, "--config", help="A YAML file whose serve: section holds the settings below."
+    ),
     # left out, a flag takes the config's serve.* value, else config.ServeConfig's default
     host: str | None = typer.Option(None, "--host", help=_serve_help("host")),
     port: int | None = typer.Option(None, "--port", min=1, max=65535, help=_serve_help("port")),
     api_key: str | None = typer.Option(None, "--api-key", envvar="LORAKIT_API_KEY", help=_serve_help("api_key")),
-    max_tokens_limit: int | None = typer.Option(None, "--max-tokens-limit", min=1, help=_serve_help("max_tokens_limit")),
+    max_tokens_limit: int | None = typer.Option(
+        None, "--max-tokens-limit", min=1, help=_serve_help("max_tokens_limit")
+    ),
     max_batch_size: int | None = typer.Option(None, "--max-batch-size", min=1, help=_serve_help("max_batch_size")),
     max_body_bytes: int | None = typer.Option(None, "--max-body-bytes", min=1, help=_serve_help("max_body_bytes")),
 ):
@@ -201,8 +215,14 @@ def serve(
     from .cli_commands import serve_command
 
     serve_command(
-        runs, str(config) if config else None, host=host, port=port, api_key=api_key,
-        max_tokens_limit=max_tokens_limit, max_batch_size=max_batch_size, max_body_bytes=max_body_bytes,
+        runs,
+        str(config) if config else None,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_tokens_limit=max_tokens_limit,
+        max_batch_size=max_batch_size,
+        max_body_bytes=max_body_bytes,
     )
 
 
@@ -299,7 +319,9 @@ def _run(argv: list[str] | None) -> int:
         typer.echo(f"error: {exc.strerror}: '{exc.filename}'. Fix: check that path (and its permissions)", err=True)
         return 2
     except UnicodeDecodeError as exc:
-        typer.echo(f"error: a file is not UTF-8 text ({exc.reason} at byte {exc.start}). Fix: re-save it as UTF-8", err=True)
+        typer.echo(
+            f"error: a file is not UTF-8 text ({exc.reason} at byte {exc.start}). Fix: re-save it as UTF-8", err=True
+        )
         return 2
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

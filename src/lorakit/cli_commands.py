@@ -114,8 +114,14 @@ def serve_command(runs: list[str], config: str | None = None, **flags) -> None:
     run_server(runs, settings)
 
 
-def plan_command(config_path, overrides: list[str] | None = None, gpu: str = "cpu",
-                 memory_gb: float | None = None, fit: bool = False, console=None) -> str:
+def plan_command(
+    config_path,
+    overrides: list[str] | None = None,
+    gpu: str = "cpu",
+    memory_gb: float | None = None,
+    fit: bool = False,
+    console=None,
+) -> str:
     """`lorakit plan config.yaml [--gpu ...] [--memory-gb N] [--fit]`: print the plan, return its text.
     With --fit (or train.auto_fit: true) the plan shown is the fitted config's, with each choice."""
     from rich.console import Console

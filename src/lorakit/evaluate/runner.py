@@ -70,8 +70,14 @@ def _scored_record(example: Example, prediction: str, *, no_answer: str, lang: s
 
 
 def score_examples(
-    predictor: Predictor, examples: list[Example], *, decoding: dict, no_answer: str, bleu_tokenize: str = "auto",
-    lang: str | None = None, perplexity: bool = True,
+    predictor: Predictor,
+    examples: list[Example],
+    *,
+    decoding: dict,
+    no_answer: str,
+    bleu_tokenize: str = "auto",
+    lang: str | None = None,
+    perplexity: bool = True,
 ) -> tuple[list[dict], dict]:
     """Generate, extract answers, score: (records, corpus metrics, with perplexity unless asked not to).
 
@@ -122,11 +128,17 @@ def score_examples(
     if not perplexity:
         return records, metrics
     # perplexity of what training taught: the target reply (or the no-answer text)
-    prompts = [predictor.prompt_ids(m, c, max_new_tokens=decoding["max_new_tokens"]) for m, c in zip(conversations, contexts)]
+    prompts = [
+        predictor.prompt_ids(m, c, max_new_tokens=decoding["max_new_tokens"]) for m, c in zip(conversations, contexts)
+    ]
     targets = [ex.target or (ex.answers[0] if ex.answers else no_answer) for ex in examples]
     metrics["perplexity"] = reference_perplexity(
-        predictor.model, predictor.tokenizer, prompts, targets,
-        task_type=predictor.task_type, batch_size=decoding["batch_size"],
+        predictor.model,
+        predictor.tokenizer,
+        prompts,
+        targets,
+        task_type=predictor.task_type,
+        batch_size=decoding["batch_size"],
     )
     return records, metrics
 
@@ -190,7 +202,9 @@ def evaluate_path(
     limit = max_examples or eval_config.max_examples
     examples = examples[:limit] if limit else examples
     if not examples:
-        raise EvalError(f"{source}: there are no examples to evaluate.", hint="pass a data file with records via --data")
+        raise EvalError(
+            f"{source}: there are no examples to evaluate.", hint="pass a data file with records via --data"
+        )
 
     predictor = load_predictor(folder, device=device)
     decoding = dict(
@@ -200,7 +214,9 @@ def evaluate_path(
         top_p=eval_config.top_p,
         seed=config.train.seed if config is not None else 0,
     )
-    scoring = dict(decoding=decoding, no_answer=no_answer, bleu_tokenize=eval_config.bleu_tokenize, lang=eval_config.lang)
+    scoring = dict(
+        decoding=decoding, no_answer=no_answer, bleu_tokenize=eval_config.bleu_tokenize, lang=eval_config.lang
+    )
     records, metrics = score_examples(predictor, examples, **scoring)
     base_records = base_metrics = None
     if compare_base:
@@ -209,7 +225,9 @@ def evaluate_path(
                 base_records, base_metrics = score_examples(predictor, examples, **scoring)
         elif info is not None and info.is_merged:
             del predictor  # free the merged weights before loading the base
-            base_records, base_metrics = score_examples(load_predictor(folder, device=device, adapter=False), examples, **scoring)
+            base_records, base_metrics = score_examples(
+                load_predictor(folder, device=device, adapter=False), examples, **scoring
+            )
         else:
             raise EvalError(
                 f"--compare base: '{path}' is a plain model folder, so there is no base model to compare with.",
@@ -217,8 +235,14 @@ def evaluate_path(
             )
 
     root = info.root if info is not None else folder
-    about = {"model": str(folder), "source": source, "split": None if data is not None else split,
-             "data": data, "max_examples": limit or None, "decoding": decoding}
+    about = {
+        "model": str(folder),
+        "source": source,
+        "split": None if data is not None else split,
+        "data": data,
+        "max_examples": limit or None,
+        "decoding": decoding,
+    }
     eval_root = root / "eval"
     with staging(out.parent if out is not None else eval_root) as tmp:
         write_eval_outputs(
@@ -362,7 +386,9 @@ def score_predictions(
         [r["prediction"] for r in records], [r["references"] for r in records], no_answer=no_answer
     )
     out = Path(out_dir) if out_dir else predictions_file.parent / f"{predictions_file.stem}-eval"
-    paths = write_eval_outputs(out, records=records, metrics=metrics, title=f"{predictions_file.name} on {Path(data_file).name}")
+    paths = write_eval_outputs(
+        out, records=records, metrics=metrics, title=f"{predictions_file.name} on {Path(data_file).name}"
+    )
     summary = json.loads(paths["metrics"].read_text(encoding="utf-8"))
     if verbose:
         _log_summary(summary, paths["report_md"].parent)
