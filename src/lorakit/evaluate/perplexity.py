@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..inference.decoding import _as_ids, _batch_tensors, _pad_id
 
+if TYPE_CHECKING:  # annotations only, no import cost
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 def reference_perplexity(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     answers: list[str],
     *,

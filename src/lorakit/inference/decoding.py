@@ -11,10 +11,13 @@ import copy
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+if TYPE_CHECKING:  # annotations only, no import cost
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -31,7 +34,7 @@ class Generation:
 # --- encoding prompts ---------------------------------------------------------------------------
 
 
-def encode_prompt(tokenizer, prompt: str, task_type: str = "causal") -> list[int]:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, task_type: str = "causal") -> list[int]:
     """Token ids of an already-rendered prompt, the way training encoded prompts.
 
     Causal: the rendered template carries its own special tokens, so only the BOS the tokenizer
@@ -92,7 +95,7 @@ class StopOnStrings(StoppingCriteria):
     stop string), so the cost per step stays small whatever the length generated so far.
     """
 
-    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_width: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str], prompt_width: int):
         self.tokenizer = tokenizer
         self.stop_strings = [s for s in stop_strings if s]
         self.prompt_width = prompt_width
@@ -199,8 +202,8 @@ def _decoding_setup(model, tokenizer, *, max_new_tokens, temperature, top_p, see
 
 
 def generate_batched(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str | list[int]],
     *,
     task_type: str = "causal",
@@ -240,7 +243,8 @@ def generate_batched(
                 criteria = StoppingCriteriaList([stopper] if stopper.stop_strings else [])
                 if cancelled is not None:
                     criteria.append(_RowsCancelled(cancelled, chunk))
-                output = model.generate(
+                # mypy sees generate through nn.Module.__getattr__ (a Tensor) in transformers' stubs
+                output = model.generate(  # type: ignore[operator]
                     input_ids=input_ids, attention_mask=mask, generation_config=config, stopping_criteria=criteria
                 )
                 # causal output repeats the prompt; seq2seq output starts with the decoder start token
@@ -261,8 +265,8 @@ def generate_batched(
 
 
 def stream_generate(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompt: str | list[int],
     *,
     task_type: str = "causal",

@@ -15,10 +15,14 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..data.example import Example
 from ..errors import ModelError, TemplateError
 from .templates import Template, render_prompt, render_segments
+
+if TYPE_CHECKING:  # annotations only, no import cost
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100
 
@@ -85,7 +89,7 @@ def _encode_segments(template, tokenizer, segments, train_on_prompt: bool) -> tu
     return ids, labels
 
 
-def encode_prompt(template: Template, tokenizer, messages: list[dict], context=None, system=None) -> list[int]:
+def encode_prompt(template: Template, tokenizer: PreTrainedTokenizerBase, messages: list[dict], context=None, system=None) -> list[int]:
     """Prompt ids for inference, built exactly as training builds them (BOS, EOS after earlier
     replies in a multi-turn history), ending with the generation prompt."""
     if template.task_type == "seq2seq":
@@ -100,7 +104,7 @@ def encode_prompt(template: Template, tokenizer, messages: list[dict], context=N
 def encode_example(
     example: Example,
     template: Template,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     max_length: int,
     train_on_prompt: bool = False,
@@ -238,7 +242,7 @@ class TokenizeStats:
 def encode_examples(
     examples: list[Example],
     template: Template,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     max_length: int,
     train_on_prompt: bool = False,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
@@ -23,6 +23,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import TemplateError
 from .builtin_templates import BUILTINS, NAMES
+
+if TYPE_CHECKING:  # annotations only, no import cost
+    from transformers import PreTrainedTokenizerBase
+
+    from ..config import TemplateConfig
 
 # --- built-in templates ---------------------------------------------------------------------
 # Assistant replies are never followed by text inside their own turn: separators come before
@@ -172,7 +177,7 @@ def _model_chat_template(tokenizer) -> str | None:
     return source if isinstance(source, str) and source.strip() else None
 
 
-def resolve_template(config, tokenizer, task_type: str = "causal", has_context: bool = False) -> Template:
+def resolve_template(config: TemplateConfig, tokenizer: PreTrainedTokenizerBase, task_type: str = "causal", has_context: bool = False) -> Template:
     """Turn the `template` config section into a Template, checked on a sample conversation.
 
     `auto` picks the tokenizer's own chat template when it has one, else `context_qa` when the
