@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import ModelConfig
 from ..errors import ModelError, require
+
+if TYPE_CHECKING:  # annotations only, no import cost
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +122,7 @@ def detect_task_type(model_config: ModelConfig) -> str:
 # --- tokenizer and model --------------------------------------------------------------------
 
 
-def load_tokenizer(model_config: ModelConfig):
+def load_tokenizer(model_config: ModelConfig) -> PreTrainedTokenizerBase:
     """The model's tokenizer. Without a pad token, EOS doubles as pad: safe because the collator
     masks padding by position (attention mask / label -100), so real EOS tokens stay labelled.
 
@@ -166,7 +170,7 @@ def load_base_model(
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
     compute_dtype: torch.dtype | None = None,
-):
+) -> PreTrainedModel:
     """AutoModelForCausalLM / AutoModelForSeq2SeqLM from a hub id, folder or GGUF file.
 
     With model.quantization 4bit/8bit (CUDA only): NF4 + double quantization, computing in

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..config import LoraConfig
 from ..errors import ModelError
+
+if TYPE_CHECKING:  # annotations only, no import cost
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 # Attention projections LoRA targets by default, per model family (first match wins).
 AUTO_TARGETS = [
@@ -19,7 +25,7 @@ AUTO_TARGETS = [
 ]
 
 
-def linear_module_names(model) -> list[str]:
+def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Leaf names of the linear layers LoRA can wrap (lm_head excluded), sorted."""
     from transformers.pytorch_utils import Conv1D
 
@@ -33,7 +39,7 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
-def resolve_target_modules(model, target_modules) -> list[str] | str:
+def resolve_target_modules(model: torch.nn.Module, target_modules) -> list[str] | str:
     """"auto" -> the family's attention projections; "all-linear" passes to peft; a list is checked.
 
     Raises:
@@ -59,7 +65,9 @@ def resolve_target_modules(model, target_modules) -> list[str] | str:
     return list(target_modules)
 
 
-def apply_lora(model, lora_config: LoraConfig, task_type: str, *, gradient_checkpointing: bool = False):
+def apply_lora(
+    model: PreTrainedModel, lora_config: LoraConfig, task_type: str, *, gradient_checkpointing: bool = False
+) -> PeftModel:
     """Wrap `model` with a fresh LoRA adapter; only the adapter (and biases if asked) train.
 
     Gradient checkpointing uses the non-reentrant implementation and makes the input embeddings
@@ -97,7 +105,7 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def trainable_summary(model) -> str:
+def trainable_summary(model: torch.nn.Module) -> str:
     """A one-line count such as 'trainable 0.12M of 4.30M parameters (2.79%)'."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
