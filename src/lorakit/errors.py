@@ -55,7 +55,7 @@ class ModelError(LorakitError):
 
 
 class RunError(LorakitError):
-    """A run folder is missing, incomplete, or would be overwritten."""
+    """A run folder is missing, incomplete, or would be overwritten; or training diverged."""
 
 
 class TrainingInterrupted(RunError):
