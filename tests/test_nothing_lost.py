@@ -12,8 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from test_export import make_run
-from tiny import build_tiny_llama
+from tiny import build_tiny_llama, make_run
 
 from lorakit.cli import main
 from lorakit.config_loading import validate_config

@@ -8,20 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import SYSTEM, make_run
 
 from lorakit.config import TemplateConfig
-from lorakit.config_loading import validate_config
 from lorakit.errors import ConfigError, ModelError, RunError
 from lorakit.export.merge import hf_chat_template, merge_run
-from lorakit.files import atomic_write_text
 from lorakit.inference.decoding import generate_batched
-from lorakit.models.identity import base_model_identity
 from lorakit.prompting.builtin_templates import BUILTINS
 from lorakit.prompting.templates import render_prompt, resolve_template
-from lorakit.run_metadata import read_run, write_metadata
-from lorakit.runs import RunPaths
+from lorakit.run_metadata import read_run
 
-SYSTEM = "Answer briefly."
 CONVERSATIONS = [
     ([{"role": "user", "content": "What is the capital of France?"}], None),
     ([{"role": "user", "content": "Who wrote the book?"}], "The book was written by Ann in 1999."),
@@ -35,38 +31,6 @@ CONVERSATIONS = [
         "A passage.",
     ),
 ]
-
-
-def make_run(root: Path, base_dir: Path, *, template_name: str = "question_answer", seed: int = 1,
-             quantization: str = "none", task_type: str = "causal") -> Path:
-    """A run folder as `lorakit train` writes it, with a random non-zero LoRA adapter (no training)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    config = validate_config({
-        "data": {"path": "unused.jsonl"},
-        "model": {"name_or_path": str(base_dir), "quantization": quantization},
-        "template": {"name": template_name, "system_prompt": SYSTEM},
-    })
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    template = resolve_template(config.template, tokenizer, task_type)
-    seq2seq = task_type == "seq2seq"
-    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(base_dir, dtype=torch.float32)
-    targets = ["q", "v", "o"] if seq2seq else ["q_proj", "v_proj", "o_proj"]
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                  task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"))
-    torch.manual_seed(seed)
-    with torch.no_grad():  # lora_B starts at zero; make the adapter change the outputs clearly
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn_like(param) * 0.3)
-    paths = RunPaths(root)
-    peft_model.save_pretrained(paths.adapter)
-    tokenizer.save_pretrained(paths.adapter)
-    write_metadata(paths.adapter, base=base_model_identity(config.model), task_type=task_type, template=template,
-                   precision="float32", max_length=256)
-    atomic_write_text(paths.config, config.to_yaml())
-    return root
 
 
 @pytest.fixture(scope="module")

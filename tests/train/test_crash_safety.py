@@ -27,7 +27,7 @@ from lorakit.errors import DataError, RunError
 from lorakit.runs import CHECKPOINT_MARKER, RunPaths, staging_dir
 from lorakit.train.recipe import TrainingInterrupted, train
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 QA = [
     ("What is the capital of France?", "Paris"),
     ("Who wrote the book?", "the author"),

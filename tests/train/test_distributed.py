@@ -71,7 +71,7 @@ def test_shipped_accelerate_configs_are_valid():
 
     from accelerate.commands.config.config_args import ClusterConfig
 
-    folder = Path(__file__).resolve().parents[1] / "examples" / "distributed"
+    folder = Path(__file__).resolve().parents[2] / "examples" / "distributed"
     configs = sorted(folder.glob("*.yaml"))
     assert {p.name for p in configs} >= {"fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"}
     for path in configs:
