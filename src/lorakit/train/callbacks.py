@@ -75,17 +75,35 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 class RichProgressCallback(TrainerCallback):
-    """One progress bar for training with loss, learning rate, tokens/s and ETA."""
+    """Training progress on stderr: a live bar with loss, learning rate, tokens/s and ETA on a
+    terminal; elsewhere (a log file, CI, nohup), where a live bar shows nothing until the end, one
+    plain line every `interval_s` seconds or `interval_fraction` of the steps, whichever comes
+    first, and one at the end:
 
-    def __init__(self, console=None):
+        step 120/500 (24%)  loss 1.2345  lr 1.0e-04  312 tok/s  elapsed 5m02s  ETA 15m50s
+
+    `clock` (seconds, monotonic) is injectable so the interval can be tested without waiting.
+    """
+
+    def __init__(self, console=None, *, interval_s: float = 30.0, interval_fraction: float = 0.1,
+                 clock: Callable[[], float] = time.monotonic):
         from rich.console import Console
 
         self.console = console or Console(stderr=True)
+        self.interval_s, self.interval_fraction, self.clock = interval_s, interval_fraction, clock
         self.progress = None
         self.task = None
         self._status = ""
+        self._loss: float | None = None
+        self._lr: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._time, self._tokens = time.perf_counter(), state.num_input_tokens_seen
+        # the plain lines' own marks: tokens/s and ETA over the whole run, from the step it (re)started at
+        self._start, self._start_step, self._start_tokens = self.clock(), state.global_step, state.num_input_tokens_seen
+        self._line_time, self._line_step = self._start, state.global_step
+        if not self.console.is_terminal:
+            return
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -105,11 +123,15 @@ class RichProgressCallback(TrainerCallback):
         )
         self.progress.start()
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, status="")
-        self._time, self._tokens = time.perf_counter(), state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step, status=self._status)
+        elif not self.console.is_terminal:
+            every_steps = max(1, math.ceil(state.max_steps * self.interval_fraction))
+            if (self.clock() - self._line_time >= self.interval_s
+                    or state.global_step - self._line_step >= every_steps):
+                self._plain_line(state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -117,21 +139,47 @@ class RichProgressCallback(TrainerCallback):
             now = time.perf_counter()
             speed = (state.num_input_tokens_seen - self._tokens) / max(now - self._time, 1e-9)
             self._time, self._tokens = now, state.num_input_tokens_seen
+            self._loss, self._lr = logs["loss"], logs.get("learning_rate")
             parts = [f"loss {logs['loss']:.4f}"]
             if "learning_rate" in logs:
                 parts.append(f"lr {logs['learning_rate']:.2e}")
             parts.append(f"{speed:,.0f} tok/s")
             self._status = "  ".join(parts)
-        if "eval_loss" in logs and self.progress is not None:
-            self.progress.console.print(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
+        if "eval_loss" in logs:
+            self.console.print(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}", markup=False, highlight=False)
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is None and not self.console.is_terminal and state.global_step != self._line_step:
+            self._plain_line(state)  # the last line always shows the final step
         self.stop()
+
+    def _plain_line(self, state) -> None:
+        now = self.clock()
+        elapsed, done = now - self._start, state.global_step - self._start_step
+        parts = [f"step {state.global_step}/{state.max_steps} ({100 * state.global_step // max(state.max_steps, 1)}%)"]
+        if self._loss is not None:
+            parts.append(f"loss {self._loss:.4f}")
+        if self._lr is not None:
+            parts.append(f"lr {self._lr:.1e}")
+        if elapsed > 0:
+            parts.append(f"{(state.num_input_tokens_seen - self._start_tokens) / elapsed:,.0f} tok/s")
+        parts.append(f"elapsed {_duration(elapsed)}")
+        if done > 0:
+            parts.append(f"ETA {_duration(elapsed / done * max(state.max_steps - state.global_step, 0))}")
+        self.console.print("  ".join(parts), markup=False, highlight=False, soft_wrap=True)
+        self._line_time, self._line_step = now, state.global_step
 
     def stop(self) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def _duration(seconds: float) -> str:
+    """5m02s, 1h05m02s: short enough for a log line, unambiguous."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 class InterruptCallback(TrainerCallback):
