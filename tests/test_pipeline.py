@@ -54,6 +54,7 @@ class _TrainFeatures(TrainerCallback):
         self.features = list(train_dataloader.dataset.features)
 
 
+@pytest.mark.integration  # a tiny training
 def test_prepare_gives_the_features_train_trains_on(tiny_llama_dir, data_file, tmp_path):
     from lorakit.run_metadata import read_run
     from lorakit.train.recipe import train
@@ -255,6 +256,7 @@ def test_serve_command_line_reads_the_config_serve_section(tmp_path, monkeypatch
     assert settings.max_tokens_limit == type(settings)().max_tokens_limit  # neither file nor flag: the default
 
 
+@pytest.mark.integration  # a tiny training
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 def test_a_device_check_fails_before_data_or_weights_load(tiny_llama_dir, data_file, tmp_path, monkeypatch):
     from lorakit.models import loading

@@ -39,6 +39,7 @@ def test_every_name_in_all_resolves_and_dir_lists_it():
         lorakit.nonesuch  # noqa: B018
 
 
+@pytest.mark.integration  # fresh Python subprocesses
 def test_import_lorakit_is_light_and_the_issue_one_liner_works():
     """No torch (nor transformers) until a function is used; `lorakit --help` loads none either."""
     result = _run_python(
@@ -216,6 +217,7 @@ def _train_config(tmp_path: Path, model_dir: Path) -> dict:
     }
 
 
+@pytest.mark.integration  # a tiny training through the CLI
 def test_train_in_process_prints_nothing_and_the_cli_shows_its_log_lines(tiny_llama_dir, tmp_path, capsys, caplog):
     """The status lines that used to be printed by the recipe are log records; `lorakit train`
     shows them on stderr (and the run folder on stdout), as before."""

@@ -16,6 +16,8 @@ from lorakit.export.merge import merge_run
 from lorakit.inference.predictor import load_predictor
 from lorakit.train.recipe import train
 
+pytestmark = pytest.mark.integration  # a tiny T5 trained, evaluated, merged and served
+
 QA = [
     ("What is the capital of France?", "Paris"),
     ("Who wrote the book?", "the author"),

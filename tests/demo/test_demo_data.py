@@ -105,6 +105,7 @@ def test_demo_config_holds_out_whole_articles(tmp_path):
     assert demo_config(tmp_path, quick=True).train.epochs < config.train.epochs
 
 
+@pytest.mark.integration  # the demo end to end: trainings and evaluations
 def test_run_demo_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     """The demo's wiring (model -> train -> before/after eval -> table), with the tiny test model
     standing in for SmolLM2 so nothing is downloaded."""

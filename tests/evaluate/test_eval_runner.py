@@ -15,6 +15,8 @@ from lorakit.errors import EvalError
 from lorakit.evaluate.metrics import score_example
 from lorakit.evaluate.runner import evaluate_path, score_predictions
 
+pytestmark = pytest.mark.integration  # evaluates a run trained by the fixture
+
 PAIRS = [("What is the capital of France?", "Paris"), ("Who wrote the book?", "the author"),
          ("What color is the sky?", "blue"), ("How many legs has a dog?", "four")]
 

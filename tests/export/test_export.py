@@ -199,6 +199,7 @@ def test_lorakit_generate_works_on_the_merged_folder(run_dir, merged):
         assert generate_command(str(merged[0]), question, context, max_new_tokens=10) == from_run
 
 
+@pytest.mark.integration  # a live server
 def test_merged_folder_can_be_served(merged):
     from fastapi.testclient import TestClient
 

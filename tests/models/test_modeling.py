@@ -89,6 +89,7 @@ def test_apply_lora_explicit_list_and_unknown_names(tiny_llama_dir):
     assert sorted(peft_model.peft_config["default"].target_modules) == ["o_proj", "up_proj"]
 
 
+@pytest.mark.integration  # a tiny training
 def test_gradient_checkpointing_still_trains_adapters(tiny_llama_dir):
     model = modeling.load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), "causal")
     peft_model = lora.apply_lora(model, LoraConfig(r=4, dropout=0.0), "causal", gradient_checkpointing=True)

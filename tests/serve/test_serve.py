@@ -20,6 +20,8 @@ from lorakit.config_loading import validate_config
 from lorakit.errors import ServeError
 from lorakit.serve.app import create_app
 
+pytestmark = pytest.mark.integration  # a trained run behind a live server
+
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 

@@ -18,6 +18,8 @@ import httpx
 import pytest
 from test_serve import app, runs, server  # noqa: F401  (module fixtures: a trained run served live)
 
+pytestmark = pytest.mark.integration  # a live server
+
 openai = pytest.importorskip("openai")
 
 DEADLINE = 30.0  # seconds; reached only when the behaviour under test is broken

@@ -27,6 +27,8 @@ from lorakit.errors import DataError, RunError
 from lorakit.runs import CHECKPOINT_MARKER, RunPaths, staging_dir
 from lorakit.train.recipe import TrainingInterrupted, train
 
+pytestmark = pytest.mark.integration  # real signals to `lorakit train` child processes
+
 SRC = Path(__file__).resolve().parents[2] / "src"
 QA = [
     ("What is the capital of France?", "Paris"),

@@ -7,10 +7,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lorakit.config_loading import load_config
 from lorakit.runs import read_metrics
 from lorakit.train.distributed import torchrun_command
 from lorakit.train.recipe import train
+
+pytestmark = pytest.mark.integration  # torchrun with two processes
 
 QA = [(f"What is item {i}?", f"item {i} is number {i * 7}") for i in range(16)]
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lorakit.config_loading import validate_config
 from lorakit.runs import read_metrics
 from lorakit.train.recipe import train
+
+pytestmark = pytest.mark.integration  # tiny trainings with generation-based validation
 
 COLOURS = ["sky", "sea", "ink", "jeans", "sapphire", "cobalt", "lake", "ocean", "bluebird", "iris", "denim", "navy"]
 

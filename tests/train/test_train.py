@@ -18,6 +18,8 @@ from lorakit.run_metadata import read_run
 from lorakit.runs import RunPaths, run_dir_for
 from lorakit.train.recipe import TrainingInterrupted, train
 
+pytestmark = pytest.mark.integration  # tiny trainings end to end
+
 QA = [
     ("What is the capital of France?", "Paris"),
     ("Who wrote the book?", "the author"),
