@@ -39,13 +39,25 @@ def _finished_run(root, config=None):
     return paths
 
 
-def test_paths_layout(tmp_path):
+def test_a_run_folder_is_self_contained_and_resumes_from_its_newest_complete_checkpoint(tmp_path):
     paths = RunPaths(tmp_path / "r")
-    assert paths.config == tmp_path / "r" / "config.yaml"
-    assert paths.adapter == tmp_path / "r" / "adapter"
-    assert paths.checkpoints.name == "checkpoints" and paths.metrics.name == "metrics.jsonl"
-    assert paths.plots.name == "plots" and paths.eval.name == "eval"
-    assert paths.lorakit_json == tmp_path / "r" / "adapter" / "lorakit.json"
+    parts = [paths.config, paths.adapter, paths.checkpoints, paths.metrics, paths.config_changes,
+             paths.plots, paths.eval, paths.lorakit_json]
+    # a run can be moved or copied as one folder: every part lives under its root, no two share a path
+    assert all(part.is_relative_to(paths.root) for part in parts) and len(set(parts)) == len(parts)
+    assert not paths.is_finished() and paths.latest_checkpoint() is None
+    for step in (2, 9, 10):
+        (paths.checkpoints / f"checkpoint-{step}").mkdir(parents=True)
+        mark_checkpoint_complete(paths.checkpoints / f"checkpoint-{step}", step)
+    (paths.checkpoints / "checkpoint-11").mkdir()  # a kill during its save: no marker
+    (paths.checkpoints / "checkpoint-12").mkdir()
+    mark_checkpoint_complete(paths.checkpoints / "checkpoint-12", 3)  # a marker copied from another step
+    (paths.checkpoints / "checkpoint-final").mkdir()  # not a step: ignored
+    moved = RunPaths(tmp_path / "moved")
+    paths.root.rename(moved.root)
+    # numeric order (a lexical one would pick 9), the incomplete ones never
+    assert moved.latest_checkpoint() == moved.checkpoints / "checkpoint-10"
+    assert moved.incomplete_checkpoints() == [moved.checkpoints / "checkpoint-11", moved.checkpoints / "checkpoint-12"]
 
 
 def test_atomic_writes_replace_and_leave_no_temp_files(tmp_path):

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -184,18 +186,44 @@ def test_quantization_on_cpu_fails_before_loading_anything(tmp_path, llama_dir, 
         loader.assert_not_called()
 
 
-def test_validation_loss_best_checkpoint_and_early_stopping(tmp_path, llama_dir):
+def test_validation_loss_is_logged_at_every_eval_step(tmp_path, llama_dir):
     data = tmp_path / "qa8.jsonl"
     rows = QA + [(f"{q} (again)", a) for q, a in QA]
     data.write_text("\n".join(json.dumps({"question": q, "answer": a}) for q, a in rows), encoding="utf-8")
-    config = make_config(tmp_path, data, llama_dir, max_steps=6, eval_every=2, save_every=None,
-                         micro_batch_size=2, early_stopping_patience=5)
+    config = make_config(tmp_path, data, llama_dir, max_steps=6, eval_every=2, save_every=None, micro_batch_size=2)
     config.data.split = {"train": 0.75, "validation": 0.25, "test": 0.0}
     paths = train(config)
     records = [json.loads(line) for line in paths.metrics.read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 6]
+    assert json.loads(paths.lorakit_json.read_text())["validation_examples"] == 2
+
+
+def test_early_stopping_stops_when_validation_stops_improving(tmp_path, llama_dir, qa_file):
+    # the validation set asks the training questions with other answers: the more the model learns
+    # the training answers, the worse it does there, so eval_loss soon stops improving
+    other = ["Berlin", "nobody at all", "go away now", "Madrid"]
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("\n".join(json.dumps({"question": q, "answer": a}) for (q, _), a in zip(QA, other)), encoding="utf-8")
+    patience, max_steps = 1, 30
+    config = make_config(tmp_path, qa_file, llama_dir, max_steps=max_steps, eval_every=2, save_every=2,
+                         early_stopping_patience=patience, learning_rate=2e-2)
+    config.data.validation_path = str(validation)
+    paths = train(config)
+    records = [json.loads(line) for line in paths.metrics.read_text().splitlines()]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    # the stop step patience predicts: the evaluation at which `patience` evaluations in a row did not beat the best
+    best, misses, expected_stop = math.inf, 0, None
+    for step, loss in evals:
+        best, misses = (loss, 0) if loss < best else (best, misses + 1)
+        if misses == patience:
+            expected_stop = step
+            break
+    assert expected_stop is not None and expected_stop < max_steps, evals
+    # measured: eval_loss 11.84, 11.10, 9.56 at steps 2-6, then 10.54 at step 8: stops at 8 of 30
+    assert max(r["step"] for r in records) == expected_stop  # nothing logged after the stop: training ended there
+    best_step = min(evals, key=lambda e: e[1])[0]
     meta = json.loads(paths.lorakit_json.read_text())
-    assert meta["validation_examples"] == 2 and meta["best_checkpoint"].endswith(tuple(("checkpoint-2", "checkpoint-4", "checkpoint-6")))
+    assert Path(meta["best_checkpoint"]).name == f"checkpoint-{best_step}"
 
 
 def test_incompatible_checkpoint_schedule_is_a_config_error(tmp_path, llama_dir, qa_file):
