@@ -39,15 +39,18 @@ def config_for(tmp_path, model_dir, **train):
 
 
 def test_generation_metrics_are_logged_with_the_losses(tmp_path, tiny_llama_dir):
-    paths = train(config_for(tmp_path, tiny_llama_dir, max_steps=20, best_metric="f1"))
+    paths = train(config_for(tmp_path, tiny_llama_dir, max_steps=25, best_metric="f1"))
     evals = [line for line in read_metrics(paths.metrics) if "eval_f1" in line]
-    assert [line["step"] for line in evals] == [5, 10, 15, 20]
+    assert [line["step"] for line in evals] == [5, 10, 15, 20, 25]
     for line in evals:
         assert "eval_loss" in line and "eval_exact_match" in line and "eval_never_stops_rate" in line
         assert 0.0 <= line["eval_f1"] <= 100.0
     # held-out questions share the answer "blue": real generations learn it
     assert evals[0]["eval_f1"] < 100.0
+    # measured: F1 0, 0, 100, 100, 100 at steps 5-25, so the end is two evaluations past the first 100;
+    # the teacher-forced loss on the held-out answers fell 3.65 -> 0.067 (54x), asserted with a 5x margin
     assert evals[-1]["eval_f1"] == 100.0 and evals[-1]["eval_exact_match"] == 100.0
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] / 10
     meta = json.loads((paths.adapter / "lorakit.json").read_text())
     assert meta["best_checkpoint"] is not None
 

@@ -97,7 +97,7 @@ def test_trained_model_reproduces_answers_and_stops(tmp_path, llama_dir, qa_file
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(5, 41, 5)) and records[: len(logged)] == logged
     assert all(r["tokens_per_second"] > 0 and "learning_rate" in r for r in steps)
-    assert steps[-1]["loss"] < steps[0]["loss"] / 10
+    assert steps[-1]["loss"] < steps[0]["loss"] / 10  # measured: falls 508x, so this holds by 50x
 
     info = read_run(paths.root)
     assert info.task_type == "causal" and info.template.name == "chat" and info.config.train.max_steps == 40
@@ -153,6 +153,7 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, llama_di
     resumed = adapter_tensors(paths)
     assert straight.keys() == resumed.keys()
     for name in straight:
+        # same ops on the same CPU, RNG and optimizer state restored: exact in principle, float32 noise at most
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6)
     steps = [json.loads(line)["step"] for line in paths.metrics.read_text().splitlines()]
     assert steps == sorted(steps)  # no duplicated steps after resuming
