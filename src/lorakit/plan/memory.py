@@ -13,7 +13,7 @@ transformers decoder layer with peft LoRA adapters on frozen weights. Frozen lin
 nothing for their own backward; the LoRA branch saves its (dropped-out) input; RMSNorm saves its
 float32 input; attention saves q, k, v and its output (plus the probabilities with eager
 attention). The counts were read off torch 2.13 / transformers 5 with saved-tensor hooks and are
-checked against measured peaks in tests/test_plan.py and bench/bench_plan_accuracy.py.
+checked against measured peaks in tests/plan/test_plan.py and bench/bench_plan_accuracy.py.
 """
 
 from __future__ import annotations
