@@ -44,8 +44,11 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--model", default=None, help="a chat model folder (default: the SmolLM2 cache)")
-    parser.add_argument("--closed-book", action="store_true",
-                        help="ask without the passage: short prompts, so decoding (what batching speeds up) dominates")
+    parser.add_argument(
+        "--closed-book",
+        action="store_true",
+        help="ask without the passage: short prompts, so decoding (what batching speeds up) dominates",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args()
 
@@ -70,12 +73,19 @@ def main() -> int:
     predictor = load_predictor(model_path, device=device)
     decoding = dict(max_new_tokens=args.max_new_tokens, temperature=0.0)
     contexts = [None if args.closed_book else ex.context for ex in examples]
-    prompts = [predictor.prompt_ids(ex.prompt_messages(), c, max_new_tokens=args.max_new_tokens) for ex, c in zip(examples, contexts)]
+    prompts = [
+        predictor.prompt_ids(ex.prompt_messages(), c, max_new_tokens=args.max_new_tokens)
+        for ex, c in zip(examples, contexts)
+    ]
     lengths = sorted(len(p) for p in prompts)
-    print(f"model: {model_path.name} on {device} ({torch.get_num_threads()} threads), template '{predictor.template.name}'")
-    print(f"questions: {len(examples)} from {DATA.name}; prompt tokens median {lengths[len(lengths) // 2]}, "
-          f"max {lengths[-1]}; max_new_tokens {args.max_new_tokens}, greedy"
-          f"{', closed book (no passage)' if args.closed_book else ', with passages'}")
+    print(
+        f"model: {model_path.name} on {device} ({torch.get_num_threads()} threads), template '{predictor.template.name}'"
+    )
+    print(
+        f"questions: {len(examples)} from {DATA.name}; prompt tokens median {lengths[len(lengths) // 2]}, "
+        f"max {lengths[-1]}; max_new_tokens {args.max_new_tokens}, greedy"
+        f"{', closed book (no passage)' if args.closed_book else ', with passages'}"
+    )
 
     predictor.generate_prompts(prompts[:2], batch_size=2, max_new_tokens=2)  # warm-up, not timed
 
@@ -92,17 +102,24 @@ def main() -> int:
     same = sum(a.text == b.text for a, b in zip(batched, single))
     new_tokens = sum(g.completion_tokens for g in batched)
     quality = corpus_metrics(
-        [extract_answer(g.text) for g in batched], [ex.answers for ex in examples],
+        [extract_answer(g.text) for g in batched],
+        [ex.answers for ex in examples],
         finish_reasons=[g.finish_reason for g in batched],
     )
-    print(f"batched (batch {args.batch_size}): {batched_s:.1f} s for {len(examples)} questions "
-          f"({batched_s / len(examples):.3f} s/question, {new_tokens / batched_s:.1f} new tokens/s)")
-    print(f"one at a time: {single_s:.1f} s for {single_n} questions ({per_question:.3f} s/question); "
-          f"extrapolated to {len(examples)} questions: {extrapolated:.1f} s")
+    print(
+        f"batched (batch {args.batch_size}): {batched_s:.1f} s for {len(examples)} questions "
+        f"({batched_s / len(examples):.3f} s/question, {new_tokens / batched_s:.1f} new tokens/s)"
+    )
+    print(
+        f"one at a time: {single_s:.1f} s for {single_n} questions ({per_question:.3f} s/question); "
+        f"extrapolated to {len(examples)} questions: {extrapolated:.1f} s"
+    )
     print(f"speed-up (one-at-a-time / batched, per question): {extrapolated / batched_s:.1f}x  (target 10x)")
     print(f"identical greedy answers on the {single_n} shared questions: {same}/{single_n}")
-    print(f"batched answers: EM {quality['exact_match']:.1f}  F1 {quality['f1']:.1f}  "
-          f"never-stops {quality['never_stops_rate']:.1f}%")
+    print(
+        f"batched answers: EM {quality['exact_match']:.1f}  F1 {quality['f1']:.1f}  "
+        f"never-stops {quality['never_stops_rate']:.1f}%"
+    )
     return 0
 
 

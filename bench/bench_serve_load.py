@@ -37,8 +37,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-QUESTIONS = ["What is the capital of France?", "Who wrote the book?", "What color is the sky?",
-             "How many legs has a dog?", "Where is Paris?", "What is a fox?"]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Who wrote the book?",
+    "What color is the sky?",
+    "How many legs has a dog?",
+    "Where is Paris?",
+    "What is a fox?",
+]
 
 
 def make_run(root: Path, base_dir: Path) -> Path:
@@ -54,12 +60,19 @@ def make_run(root: Path, base_dir: Path) -> Path:
     from lorakit.run_metadata import write_metadata
     from lorakit.runs import RunPaths
 
-    config = validate_config({"data": {"path": "unused.jsonl"}, "model": {"name_or_path": str(base_dir)},
-                              "template": {"name": "question_answer"}})
+    config = validate_config(
+        {
+            "data": {"path": "unused.jsonl"},
+            "model": {"name_or_path": str(base_dir)},
+            "template": {"name": "question_answer"},
+        }
+    )
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(config.template, tokenizer, "causal")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -68,8 +81,14 @@ def make_run(root: Path, base_dir: Path) -> Path:
     paths = RunPaths(root)
     model.save_pretrained(paths.adapter)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(paths.adapter)
-    write_metadata(paths.adapter, base=base_model_identity(config.model), task_type="causal", template=template,
-                   precision="float32", max_length=512)
+    write_metadata(
+        paths.adapter,
+        base=base_model_identity(config.model),
+        task_type="causal",
+        template=template,
+        precision="float32",
+        max_length=512,
+    )
     atomic_write_text(paths.config, config.to_yaml())
     return root
 
@@ -79,8 +98,19 @@ def start_server(run: Path, name: str, max_batch_size: int, log: Path, threads: 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    cmd = [sys.executable, "-m", "lorakit.cli", "serve", f"{name}={run}", "--host", "127.0.0.1",
-           "--port", str(port), "--max-batch-size", str(max_batch_size)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorakit.cli",
+        "serve",
+        f"{name}={run}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(max_batch_size),
+    ]
     env = {**os.environ, "LORAKIT_API_KEY": ""}
     if threads:  # on a shared, busy CPU one torch thread per process avoids OpenMP thrashing
         env["OMP_NUM_THREADS"] = str(threads)
@@ -121,8 +151,15 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
         await asyncio.gather(*(client(http, i) for i in range(clients)))
     wall = time.perf_counter() - started
     cuts = statistics.quantiles(latencies, n=20)
-    return {"requests": len(latencies), "errors": len(errors), "first_error": errors[0] if errors else None,
-            "rps": len(latencies) / wall, "p50": statistics.median(latencies), "p95": cuts[18], "wall": wall}
+    return {
+        "requests": len(latencies),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "rps": len(latencies) / wall,
+        "p50": statistics.median(latencies),
+        "p95": cuts[18],
+        "wall": wall,
+    }
 
 
 def bench(run: Path, label: str, args) -> None:
@@ -135,9 +172,12 @@ def bench(run: Path, label: str, args) -> None:
         finally:
             process.terminate()
             process.wait(timeout=60)
-        print(f"{label:8s} max_batch_size={batch}: {r['requests']} requests from {args.clients} clients in "
-              f"{r['wall']:.1f} s, {r['rps']:.2f} req/s, p50 {r['p50'] * 1000:.0f} ms, p95 {r['p95'] * 1000:.0f} ms, "
-              f"errors {r['errors']}" + (f" (first: {r['first_error']})" if r["errors"] else ""), flush=True)
+        print(
+            f"{label:8s} max_batch_size={batch}: {r['requests']} requests from {args.clients} clients in "
+            f"{r['wall']:.1f} s, {r['rps']:.2f} req/s, p50 {r['p50'] * 1000:.0f} ms, p95 {r['p95'] * 1000:.0f} ms, "
+            f"errors {r['errors']}" + (f" (first: {r['first_error']})" if r["errors"] else ""),
+            flush=True,
+        )
     ratio = results[args.max_batch_size]["rps"] / results[1]["rps"]
     print(f"{label:8s} batching speed-up (req/s, batch {args.max_batch_size} / batch 1): {ratio:.2f}x", flush=True)
 
@@ -153,8 +193,10 @@ async def _raw_post(url: str, body: bytes, *, pieces: int = 1, pause: float = 0.
     host, port = url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
-        writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+        writer.write(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        )
         step = -(-len(body) // pieces)
         for start in range(0, len(body), step):
             writer.write(body[start : start + step])
@@ -193,8 +235,9 @@ async def mixed_load(url: str, model: str, clients: int, requests: int, max_toke
     kinds += ["normal"] * (clients - len(kinds))
     stats = {kind: {"sent": 0, "statuses": [], "latencies": [], "errors": []} for kind in dict.fromkeys(kinds)}
     # valid JSON, so that a server without a limit parses and tokenizes all of it
-    huge = json.dumps({"model": model, "max_tokens": max_tokens,
-                       "messages": [{"role": "user", "content": "fox " * (OVERSIZED // 4)}]}).encode()
+    huge = json.dumps(
+        {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "fox " * (OVERSIZED // 4)}]}
+    ).encode()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
     async def client(http: httpx.AsyncClient, index: int, kind: str):
@@ -212,6 +255,7 @@ async def mixed_load(url: str, model: str, clients: int, requests: int, max_toke
                     long = {**body, "max_tokens": max_tokens * 8, "temperature": 1.0}
                     status = await _raw_post(url, json.dumps(long).encode(), abandon_after=0.2)
                 elif r % 2:  # oversized, chunked (no Content-Length)
+
                     async def chunks():
                         for start_at in range(0, len(huge), 64 * 1024):
                             yield huge[start_at : start_at + 64 * 1024]
@@ -252,23 +296,33 @@ def bench_mixed(run: Path, label: str, args) -> None:
     finally:
         process.terminate()
         process.wait(timeout=60)
-    print(f"{label}: mixed load, {args.clients} concurrent clients x {args.requests} requests, "
-          f"max_batch_size {args.max_batch_size}, {result['wall']:.1f} s", flush=True)
-    print(f"  {'clients':11s} {'requests':>8s} {'200':>5s} {'413':>5s} {'5xx':>5s} {'abandoned':>9s} "
-          f"{'errors':>6s} {'p50 ms':>8s} {'p95 ms':>8s}")
+    print(
+        f"{label}: mixed load, {args.clients} concurrent clients x {args.requests} requests, "
+        f"max_batch_size {args.max_batch_size}, {result['wall']:.1f} s",
+        flush=True,
+    )
+    print(
+        f"  {'clients':11s} {'requests':>8s} {'200':>5s} {'413':>5s} {'5xx':>5s} {'abandoned':>9s} "
+        f"{'errors':>6s} {'p50 ms':>8s} {'p95 ms':>8s}"
+    )
     for kind, record in result["kinds"].items():
         statuses, latencies = record["statuses"], sorted(record["latencies"])
         if kind == "abandoning":
             latencies = []  # they left on purpose: their time says nothing
         p50 = f"{statistics.median(latencies) * 1000:.0f}" if latencies else "-"
         p95 = f"{latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] * 1000:.0f}" if latencies else "-"
-        print(f"  {kind:11s} {record['sent']:8d} {statuses.count(200):5d} {statuses.count(413):5d} "
-              f"{sum(1 for s in statuses if s is not None and s >= 500):5d} {statuses.count(None):9d} "
-              f"{len(record['errors']):6d} {p50:>8s} {p95:>8s}"
-              + (f"  first error: {record['errors'][0]}" if record["errors"] else ""))
+        print(
+            f"  {kind:11s} {record['sent']:8d} {statuses.count(200):5d} {statuses.count(413):5d} "
+            f"{sum(1 for s in statuses if s is not None and s >= 500):5d} {statuses.count(None):9d} "
+            f"{len(record['errors']):6d} {p50:>8s} {p95:>8s}"
+            + (f"  first error: {record['errors'][0]}" if record["errors"] else "")
+        )
     health = sorted(result["health"])
-    print(f"  /health: {len(health)} probes, p50 {statistics.median(health) * 1000:.1f} ms, "
-          f"max {health[-1] * 1000:.1f} ms, over 100 ms: {sum(1 for h in health if h > 0.1)}", flush=True)
+    print(
+        f"  /health: {len(health)} probes, p50 {statistics.median(health) * 1000:.1f} ms, "
+        f"max {health[-1] * 1000:.1f} ms, over 100 ms: {sum(1 for h in health if h > 0.1)}",
+        flush=True,
+    )
 
 
 def main() -> int:

@@ -27,17 +27,24 @@ def run_once(model: str, data: str, quantization: str, steps: int, out: Path) ->
     from lorakit.runs import read_metrics
     from lorakit.train.recipe import train
 
-    config = validate_config({
-        "data": {"path": data, "max_records": 2000, "split": {"train": 0.95, "validation": 0.0, "test": 0.05}},
-        "model": {"name_or_path": model, "quantization": quantization},
-        "template": {"name": "context_qa", "max_length": 512},
-        "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
-        "train": {
-            "output_dir": str(out), "run_name": f"gpu-{quantization}", "max_steps": steps,
-            "micro_batch_size": 8, "logging_steps": 5, "save_every": 10_000, "overwrite": True,
-            "optimizer": "paged_adamw_8bit" if quantization == "4bit" else "adamw_torch",
-        },
-    })
+    config = validate_config(
+        {
+            "data": {"path": data, "max_records": 2000, "split": {"train": 0.95, "validation": 0.0, "test": 0.05}},
+            "model": {"name_or_path": model, "quantization": quantization},
+            "template": {"name": "context_qa", "max_length": 512},
+            "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
+            "train": {
+                "output_dir": str(out),
+                "run_name": f"gpu-{quantization}",
+                "max_steps": steps,
+                "micro_batch_size": 8,
+                "logging_steps": 5,
+                "save_every": 10_000,
+                "overwrite": True,
+                "optimizer": "paged_adamw_8bit" if quantization == "4bit" else "adamw_torch",
+            },
+        }
+    )
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     paths = train(config)
@@ -61,7 +68,9 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/squad-v1.1-dev-part-a.json"))
+    parser.add_argument(
+        "--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/squad-v1.1-dev-part-a.json")
+    )
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -81,10 +90,14 @@ def main() -> int:
     print(f"{'run':<10}{'precision':<12}{'tokens/s':>10}{'peak GiB':>10}{'loss':>8}{'seconds':>9}")
     for r in results:
         name = "QLoRA" if r["quantization"] == "4bit" else "16-bit"
-        print(f"{name:<10}{r['precision']:<12}{r['tokens_per_second']:>10.0f}{r['peak_gib']:>10.2f}{r['final_loss']:>8.3f}{r['seconds']:>9.1f}")
+        print(
+            f"{name:<10}{r['precision']:<12}{r['tokens_per_second']:>10.0f}{r['peak_gib']:>10.2f}{r['final_loss']:>8.3f}{r['seconds']:>9.1f}"
+        )
     full, qlora = results
-    print(f"QLoRA / 16-bit: speed x{qlora['tokens_per_second'] / full['tokens_per_second']:.2f}, "
-          f"peak memory x{qlora['peak_gib'] / full['peak_gib']:.2f}")
+    print(
+        f"QLoRA / 16-bit: speed x{qlora['tokens_per_second'] / full['tokens_per_second']:.2f}, "
+        f"peak memory x{qlora['peak_gib'] / full['peak_gib']:.2f}"
+    )
     return 0
 
 

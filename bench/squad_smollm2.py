@@ -25,9 +25,15 @@ DATA = ROOT.parent / "shared" / "data" / "squad-v1.1-dev-part-a.json"
 # The notebook pipeline (Trainer + peft LoRA r=16 q/v, padding to 512, loss on the whole text,
 # pad = eos), same model, same 1,000 training / 300 held-out questions, same CPU.
 BASELINE = {
-    "before_em": 0.0, "before_f1": 14.6, "after_em": 33.0, "after_f1": 47.1,
-    "never_stops": 98.7, "train_min": 52.0, "eval_s_per_question": 2.6,
-    "useful_tokens_per_s": 62.0, "answer_token_share": 2.0,
+    "before_em": 0.0,
+    "before_f1": 14.6,
+    "after_em": 33.0,
+    "after_f1": 47.1,
+    "never_stops": 98.7,
+    "train_min": 52.0,
+    "eval_s_per_question": 2.6,
+    "useful_tokens_per_s": 62.0,
+    "answer_token_share": 2.0,
 }
 
 
@@ -61,29 +67,51 @@ def write_subsets(n_train: int, n_test: int, out: Path) -> tuple[Path, Path]:
     train_path, test_path = out / "squad-train.json", out / "squad-test.json"
     for path, articles in ((train_path, train_articles), (test_path, list(test_articles.values()))):
         path.write_text(json.dumps({"version": "1.1", "data": articles}), encoding="utf-8")
-    print(f"train: {count} questions from {len(train_articles)} articles; "
-          f"test: {len(chosen)} questions from {len(test_articles)} held-out articles", flush=True)
+    print(
+        f"train: {count} questions from {len(train_articles)} articles; "
+        f"test: {len(chosen)} questions from {len(test_articles)} held-out articles",
+        flush=True,
+    )
     return train_path, test_path
 
 
 def bench_config(model_dir: Path, train_path: Path, test_path: Path, out: Path, epochs: float):
     from lorakit.config import LorakitConfig
 
-    return LorakitConfig.model_validate({
-        "data": {"path": str(train_path), "test_path": str(test_path), "format": "squad",
-                 "split": {"train": 1.0, "validation": 0.0, "test": 0.0}},
-        "model": {"name_or_path": str(model_dir), "precision": "float32"},
-        # lorakit's defaults otherwise: completion-only loss, EOS labelled, dynamic padding with
-        # length-grouped batches. Same LoRA as the baseline (r=16 on q_proj/v_proj).
-        "template": {"name": "chat", "max_length": 512, "system_prompt": (
-            "Answer the question with the shortest exact phrase copied from the context. "
-            "Do not write a full sentence.")},
-        "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]},
-        "train": {"output_dir": str(out), "run_name": "squad-smollm2", "epochs": epochs,
-                  "micro_batch_size": 8, "learning_rate": 3e-4, "logging_steps": 10,
-                  "best_metric": None, "save_total_limit": 1, "overwrite": True},
-        "eval": {"max_new_tokens": 32, "batch_size": 16},
-    })
+    return LorakitConfig.model_validate(
+        {
+            "data": {
+                "path": str(train_path),
+                "test_path": str(test_path),
+                "format": "squad",
+                "split": {"train": 1.0, "validation": 0.0, "test": 0.0},
+            },
+            "model": {"name_or_path": str(model_dir), "precision": "float32"},
+            # lorakit's defaults otherwise: completion-only loss, EOS labelled, dynamic padding with
+            # length-grouped batches. Same LoRA as the baseline (r=16 on q_proj/v_proj).
+            "template": {
+                "name": "chat",
+                "max_length": 512,
+                "system_prompt": (
+                    "Answer the question with the shortest exact phrase copied from the context. "
+                    "Do not write a full sentence."
+                ),
+            },
+            "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]},
+            "train": {
+                "output_dir": str(out),
+                "run_name": "squad-smollm2",
+                "epochs": epochs,
+                "micro_batch_size": 8,
+                "learning_rate": 3e-4,
+                "logging_steps": 10,
+                "best_metric": None,
+                "save_total_limit": 1,
+                "overwrite": True,
+            },
+            "eval": {"max_new_tokens": 32, "batch_size": 16},
+        }
+    )
 
 
 def token_stats(config) -> dict:
@@ -94,8 +122,11 @@ def token_stats(config) -> dict:
     features, stats, tokenizer = prepared.train_features, prepared.train_stats, prepared.tokenizer
     labels = [t for f in features for t in f["labels"] if t != -100]
     answer = sum(1 for t in labels if t != tokenizer.eos_token_id)
-    return {"tokens": stats.n_total_tokens, "answer_share": 100 * answer / len(labels),
-            "supervised_share": 100 * len(labels) / stats.n_total_tokens}
+    return {
+        "tokens": stats.n_total_tokens,
+        "answer_share": 100 * answer / len(labels),
+        "supervised_share": 100 * len(labels) / stats.n_total_tokens,
+    }
 
 
 def main() -> int:
@@ -124,22 +155,30 @@ def main() -> int:
     phase = time.perf_counter()
     paths = train(config)
     train_s = time.perf_counter() - phase
-    seen = max((r.get("tokens_seen", 0) for r in read_metrics(paths.metrics)), default=0) or tokens["tokens"] * args.epochs
+    seen = (
+        max((r.get("tokens_seen", 0) for r in read_metrics(paths.metrics)), default=0) or tokens["tokens"] * args.epochs
+    )
 
     phase = time.perf_counter()
     summary = evaluate_path(paths.root, split="test", compare_base=True, verbose=False)
     eval_s = time.perf_counter() - phase
     before, after, n = summary["base"], summary["adapter"], summary["n"]
     measured = {
-        "before_em": before["exact_match"], "before_f1": before["f1"],
-        "after_em": after["exact_match"], "after_f1": after["f1"],
-        "never_stops": after["never_stops_rate"], "train_min": train_s / 60,
+        "before_em": before["exact_match"],
+        "before_f1": before["f1"],
+        "after_em": after["exact_match"],
+        "after_f1": after["f1"],
+        "never_stops": after["never_stops_rate"],
+        "train_min": train_s / 60,
         "eval_s_per_question": eval_s / (2 * n),  # two passes: base, then adapter
-        "useful_tokens_per_s": seen / train_s, "answer_token_share": tokens["answer_share"],
+        "useful_tokens_per_s": seen / train_s,
+        "answer_token_share": tokens["answer_share"],
     }
     rows = [
-        ("EM before", "before_em", "{:.1f}"), ("F1 before", "before_f1", "{:.1f}"),
-        ("EM after", "after_em", "{:.1f}"), ("F1 after", "after_f1", "{:.1f}"),
+        ("EM before", "before_em", "{:.1f}"),
+        ("F1 before", "before_f1", "{:.1f}"),
+        ("EM after", "after_em", "{:.1f}"),
+        ("F1 after", "after_f1", "{:.1f}"),
         ("never emit EOS (after), %", "never_stops", "{:.1f}"),
         ("training time, min", "train_min", "{:.1f}"),
         ("eval, s per question", "eval_s_per_question", "{:.2f}"),
@@ -150,11 +189,15 @@ def main() -> int:
     print(f"{'':44s} {'notebook baseline':>18s} {'lorakit':>10s}")
     for label, key, fmt in rows:
         print(f"{label:44s} {fmt.format(BASELINE[key]):>18s} {fmt.format(measured[key]):>10s}")
-    print(f"\nF1 after: {measured['after_f1'] - BASELINE['after_f1']:+.1f} points vs baseline; "
-          f"training {BASELINE['train_min'] / measured['train_min']:.1f}x faster; "
-          f"evaluation {BASELINE['eval_s_per_question'] / measured['eval_s_per_question']:.1f}x faster per question")
+    print(
+        f"\nF1 after: {measured['after_f1'] - BASELINE['after_f1']:+.1f} points vs baseline; "
+        f"training {BASELINE['train_min'] / measured['train_min']:.1f}x faster; "
+        f"evaluation {BASELINE['eval_s_per_question'] / measured['eval_s_per_question']:.1f}x faster per question"
+    )
     print(f"supervised tokens: {tokens['supervised_share']:.1f}% of all training tokens (answers + EOS)")
-    print(f"total wall time {(time.perf_counter() - started) / 60:.1f} min; report: {Path(summary['folder']) / 'report.md'}")
+    print(
+        f"total wall time {(time.perf_counter() - started) / 60:.1f} min; report: {Path(summary['folder']) / 'report.md'}"
+    )
     (out / "bench_result.json").write_text(json.dumps({"measured": measured, "baseline": BASELINE}, indent=2))
     return 0
 

@@ -21,8 +21,7 @@ QA_JSONL = "".join(json.dumps(r) + "\n" for r in QA)
 
 def config_text(data: str, model: str, out: str, extra: str = "") -> str:
     return (
-        f"data:\n  path: {data}\nmodel:\n  name_or_path: {model}\n"
-        f"train:\n  output_dir: {out}\n  max_steps: 1\n{extra}"
+        f"data:\n  path: {data}\nmodel:\n  name_or_path: {model}\ntrain:\n  output_dir: {out}\n  max_steps: 1\n{extra}"
     )
 
 
@@ -74,7 +73,9 @@ def _parquet(rows: list[dict]) -> bytes:
     import pyarrow.parquet as pq
 
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("question", pa.string()), ("answer", pa.string())])), buffer)
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=pa.schema([("question", pa.string()), ("answer", pa.string())])), buffer
+    )
     return buffer.getvalue()
 
 
@@ -106,10 +107,15 @@ CASES = {
     "json-two-record-lists": lambda c: c.inspect("d.json", '{"a": [{"question": "q"}], "b": [{"answer": "a"}]}'),
     "json-wrapped-empty": lambda c: c.inspect("d.json", '{"data": []}'),
     "json-field-is-object": lambda c: c.inspect("d.json", '[{"question": {"x": 1}, "answer": "a"}]'),
-    "json-every-answer-empty": lambda c: c.inspect("d.json", '[{"question": "q", "answer": ""}, {"question": "r", "answer": " "}]'),
+    "json-every-answer-empty": lambda c: c.inspect(
+        "d.json", '[{"question": "q", "answer": ""}, {"question": "r", "answer": " "}]'
+    ),
     "squad-no-qas": lambda c: c.inspect("d.json", SQUAD_NO_QAS),
     "squad-answers-not-list": lambda c: c.inspect(
-        "d.json", json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "c", "qas": [{"question": "q", "answers": "x"}]}]}]})
+        "d.json",
+        json.dumps(
+            {"data": [{"title": "t", "paragraphs": [{"context": "c", "qas": [{"question": "q", "answers": "x"}]}]}]}
+        ),
     ),
     "sharegpt-unknown-role": lambda c: c.inspect("d.json", '[{"conversations": [{"from": "robot", "value": "hi"}]}]'),
     "messages-not-a-list": lambda c: c.inspect("d.json", '[{"messages": "hi"}]'),
@@ -141,10 +147,17 @@ CASES = {
     "data-folder-not-dataset": lambda c: c.inspect("folder/d.jsonl", QA_JSONL, f"data.path={c.root / 'folder'}"),
     "data-format-mismatch": lambda c: c.inspect("d.jsonl", QA_JSONL, "data.format=squad"),
     "column-map-unknown-field": lambda c: c.inspect("d.jsonl", QA_JSONL, "data.column_map={questn: question}"),
-    "column-map-missing-column": lambda c: c.inspect("d.jsonl", QA_JSONL, "data.column_map={question: Q, answer: answer}"),
-    "validation-file-missing": lambda c: c.inspect("d.jsonl", QA_JSONL, f"data.validation_path={c.root / 'nope.jsonl'}"),
+    "column-map-missing-column": lambda c: c.inspect(
+        "d.jsonl", QA_JSONL, "data.column_map={question: Q, answer: answer}"
+    ),
+    "validation-file-missing": lambda c: c.inspect(
+        "d.jsonl", QA_JSONL, f"data.validation_path={c.root / 'nope.jsonl'}"
+    ),
     # --- config files and values (train: nothing may be written before the config is checked) ---
-    "config-latin1": lambda c: ["train", str(c.file("c.yaml", config_text("d.jsonl", "m", "r", "# caf\xe9\n").encode("latin-1")))],
+    "config-latin1": lambda c: [
+        "train",
+        str(c.file("c.yaml", config_text("d.jsonl", "m", "r", "# caf\xe9\n").encode("latin-1"))),
+    ],
     "config-utf16": lambda c: ["train", str(c.file("c.yaml", config_text("d.jsonl", "m", "r").encode("utf-16")))],
     "config-invalid-yaml": lambda c: ["train", str(c.file("c.yaml", "data:\n  path: [unclosed\nmodel: x\n"))],
     "config-top-level-list": lambda c: ["train", str(c.file("c.yaml", "- data\n- model\n"))],
@@ -180,12 +193,16 @@ CASES = {
     "model-config-json-no-type": lambda c: c.inspect(
         "d.jsonl", QA_JSONL, f"model.name_or_path={c.broken_model(lambda f: (f / 'config.json').write_text('{}'))}"
     ),
-    "model-truncated-safetensors": lambda c: c.inspect("d.jsonl", QA_JSONL, f"model.name_or_path={c.broken_model(_truncate)}"),
+    "model-truncated-safetensors": lambda c: c.inspect(
+        "d.jsonl", QA_JSONL, f"model.name_or_path={c.broken_model(_truncate)}"
+    ),
     "model-empty-safetensors": lambda c: c.inspect(
         "d.jsonl", QA_JSONL, f"model.name_or_path={c.broken_model(lambda f: _truncate(f, lambda n: 0))}"
     ),
     "model-bad-tokenizer": lambda c: c.inspect(
-        "d.jsonl", QA_JSONL, f"model.name_or_path={c.broken_model(lambda f: (f / 'tokenizer.json').write_text(BROKEN_JSON))}"
+        "d.jsonl",
+        QA_JSONL,
+        f"model.name_or_path={c.broken_model(lambda f: (f / 'tokenizer.json').write_text(BROKEN_JSON))}",
     ),
     # --- command-line arguments ---
     "set-without-equals": lambda c: c.train("", "train.epochs"),
@@ -195,7 +212,12 @@ CASES = {
     "eval-bad-compare": lambda c: ["eval", str(c.root / "runs" / "nope"), "--compare", "other"],
     "eval-bad-split": lambda c: ["eval", str(c.model), "--split", "bogus"],
     "eval-missing-data": lambda c: ["eval", str(c.model), "--data", str(c.root / "nope.jsonl")],
-    "score-missing-predictions": lambda c: ["score", str(c.root / "p.jsonl"), "--data", str(c.file("d.jsonl", QA_JSONL))],
+    "score-missing-predictions": lambda c: [
+        "score",
+        str(c.root / "p.jsonl"),
+        "--data",
+        str(c.file("d.jsonl", QA_JSONL)),
+    ],
     "generate-missing-run": lambda c: ["generate", str(c.root / "nope"), "question?"],
     "merge-missing-run": lambda c: ["merge", str(c.root / "nope"), "--out", str(c.root / "merged")],
     # usage mistakes typer finds before any command runs
@@ -248,12 +270,20 @@ def test_bad_input_is_one_line_with_a_fix_and_changes_nothing(name, tmp_path, mo
     assert snapshot(tmp_path, model_dir) == before, "files were written or removed"
 
 
-@pytest.mark.parametrize("error, says", [
-    (PermissionError(13, "Permission denied", "/data/locked.json"), "error: Permission denied: '/data/locked.json'. Fix: "),
-    (IsADirectoryError(21, "Is a directory", "/data"), "error: Is a directory: '/data'. Fix: "),
-    (UnicodeDecodeError("utf-8", b"caf\xe9", 3, 4, "invalid continuation byte"),
-     "error: a file is not UTF-8 text (invalid continuation byte at byte 3). Fix: re-save it as UTF-8"),
-])
+@pytest.mark.parametrize(
+    "error, says",
+    [
+        (
+            PermissionError(13, "Permission denied", "/data/locked.json"),
+            "error: Permission denied: '/data/locked.json'. Fix: ",
+        ),
+        (IsADirectoryError(21, "Is a directory", "/data"), "error: Is a directory: '/data'. Fix: "),
+        (
+            UnicodeDecodeError("utf-8", b"caf\xe9", 3, 4, "invalid continuation byte"),
+            "error: a file is not UTF-8 text (invalid continuation byte at byte 3). Fix: re-save it as UTF-8",
+        ),
+    ],
+)
 def test_os_errors_on_user_paths_that_no_check_caught_are_one_line(error, says, monkeypatch, capsys):
     import lorakit.cli_commands
 

@@ -106,13 +106,24 @@ def test_config_reference_is_up_to_date():
 def test_names_are_checked_against_the_libraries_at_load(tmp_path):
     path = write(tmp_path)
     overrides = [
-        "train.optimizer=adamw", "train.lr_scheduler=cosin", "train.report_to=[tensorbord]",
-        "train.best_metric=eval_accuracy", "eval.bleu_tokenize=klingon", "train.learning_rate=.inf",
+        "train.optimizer=adamw",
+        "train.lr_scheduler=cosin",
+        "train.report_to=[tensorbord]",
+        "train.best_metric=eval_accuracy",
+        "eval.bleu_tokenize=klingon",
+        "train.learning_rate=.inf",
     ]
     with pytest.raises(ConfigError) as info:
         load_config(path, overrides)
     text = " ".join(info.value.problems)
-    for key in ("train.optimizer", "train.lr_scheduler", "train.report_to", "train.best_metric", "eval.bleu_tokenize", "train.learning_rate"):
+    for key in (
+        "train.optimizer",
+        "train.lr_scheduler",
+        "train.report_to",
+        "train.best_metric",
+        "eval.bleu_tokenize",
+        "train.learning_rate",
+    ):
         assert key in text
     assert len(info.value.problems) == 6  # all at once
     assert "did you mean 'adamw_torch'?" in info.value.hint and "did you mean 'tensorboard'?" in info.value.hint
@@ -127,27 +138,47 @@ def test_defaults_that_skip_the_transformers_lookup_are_valid_names():
 
     assert DEFAULT_NAMES["optimizer"] in [o.value for o in OptimizerNames]
     assert DEFAULT_NAMES["lr_scheduler"] in [s.value for s in SchedulerType]
-    assert TrainConfig().optimizer == DEFAULT_NAMES["optimizer"] and TrainConfig().lr_scheduler == DEFAULT_NAMES["lr_scheduler"]
+    assert (
+        TrainConfig().optimizer == DEFAULT_NAMES["optimizer"]
+        and TrainConfig().lr_scheduler == DEFAULT_NAMES["lr_scheduler"]
+    )
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["train.best_metric=eval_f1"], "need train.generation_eval_every"),
-    (["train.best_metric=exact_match"], "need train.generation_eval_every"),
-    (["train.eval_every=4", "train.save_every=6"], r"save_every \(6\) must be a multiple of train.eval_every \(4\)"),
-    (["train.generation_eval_every=4", "train.save_every=6", "train.best_metric=f1"], "multiple of train.generation_eval_every"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.best_metric=eval_f1"], "need train.generation_eval_every"),
+        (["train.best_metric=exact_match"], "need train.generation_eval_every"),
+        (
+            ["train.eval_every=4", "train.save_every=6"],
+            r"save_every \(6\) must be a multiple of train.eval_every \(4\)",
+        ),
+        (
+            ["train.generation_eval_every=4", "train.save_every=6", "train.best_metric=f1"],
+            "multiple of train.generation_eval_every",
+        ),
+    ],
+)
 def test_best_checkpoint_settings_are_checked_at_load(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_config(write(tmp_path), overrides)
     assert info.value.hint
 
 
-@pytest.mark.parametrize("overrides", [
-    ["train.best_metric=f1", "train.generation_eval_every=5"],
-    ["train.best_metric=eval_exact_match", "train.generation_eval_every=5", "train.save_every=10"],
-    ["train.eval_every=4", "train.save_every=6", "train.best_metric=null"],
-    ["train.report_to=[tensorboard]", "train.optimizer=sgd", "train.lr_scheduler=linear", "eval.bleu_tokenize=intl"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.best_metric=f1", "train.generation_eval_every=5"],
+        ["train.best_metric=eval_exact_match", "train.generation_eval_every=5", "train.save_every=10"],
+        ["train.eval_every=4", "train.save_every=6", "train.best_metric=null"],
+        [
+            "train.report_to=[tensorboard]",
+            "train.optimizer=sgd",
+            "train.lr_scheduler=linear",
+            "eval.bleu_tokenize=intl",
+        ],
+    ],
+)
 def test_valid_settings_still_load(tmp_path, overrides):
     load_config(write(tmp_path), overrides)
 

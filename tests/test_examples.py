@@ -13,7 +13,13 @@ EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.
 
 def test_the_documented_examples_exist():
     names = {path.name for path in EXAMPLES}
-    for name in ("squad_extractive_qa.yaml", "faq_chatbot.yaml", "alpaca_instructions.yaml", "chat_messages.yaml", "persian_qa.yaml"):
+    for name in (
+        "squad_extractive_qa.yaml",
+        "faq_chatbot.yaml",
+        "alpaca_instructions.yaml",
+        "chat_messages.yaml",
+        "persian_qa.yaml",
+    ):
         assert name in names
 
 

@@ -6,6 +6,7 @@ Imports are read from the source (ast), so this test imports nothing from loraki
 counts, also those inside functions (lazy imports of heavy parts); only imports under
 `if TYPE_CHECKING:` are left out, since they are never executed.
 """
+
 from __future__ import annotations
 
 import ast
@@ -24,29 +25,29 @@ MAX_LINES = 400
 # A new top-level module goes where its imports put it: the `pipeline` spine (prepare a config,
 # load a run) uses models, prompting and data, and inference, plan and train use it.
 ORDER = [
-    "_version",        # the version string alone
-    "errors",          # the exception tree
-    "files",           # atomic writes, sha256, the cache folder, wide encodings
-    "config",          # the typed config: sections, defaults, field checks
+    "_version",  # the version string alone
+    "errors",  # the exception tree
+    "files",  # atomic writes, sha256, the cache folder, wide encodings
+    "config",  # the typed config: sections, defaults, field checks
     "config_reference",  # docs/config.md from the config schema
     "config_loading",  # YAML < --set, validated at once
-    "runs",            # the run folder: paths, checkpoints, staging and publish
-    "data",            # files -> canonical Example, clean, split
-    "prompting",       # templates, encoding, collation
-    "run_metadata",    # lorakit.json written and read back (holds a Template)
-    "models",          # base model + tokenizer, precision, LoRA, base identity
-    "pipeline",        # the spine: prepare(config) and load_run(folder), shared by every entry point
-    "inference",       # Predictor, batched and streaming decoding
-    "evaluate",        # metrics, answers, perplexity, runner, report
-    "plan",            # shape, memory, devices, fitting
-    "train",           # the recipe, its arguments, callbacks, generation-based validation
-    "export",          # merge + verify
-    "serve",           # the OpenAI-compatible app
-    "demo",            # the offline end-to-end demo
-    "inspection",      # `lorakit data inspect`
-    "cli_commands",    # the printing commands
-    "cli",             # the command line
-    "__init__",        # the public API
+    "runs",  # the run folder: paths, checkpoints, staging and publish
+    "data",  # files -> canonical Example, clean, split
+    "prompting",  # templates, encoding, collation
+    "run_metadata",  # lorakit.json written and read back (holds a Template)
+    "models",  # base model + tokenizer, precision, LoRA, base identity
+    "pipeline",  # the spine: prepare(config) and load_run(folder), shared by every entry point
+    "inference",  # Predictor, batched and streaming decoding
+    "evaluate",  # metrics, answers, perplexity, runner, report
+    "plan",  # shape, memory, devices, fitting
+    "train",  # the recipe, its arguments, callbacks, generation-based validation
+    "export",  # merge + verify
+    "serve",  # the OpenAI-compatible app
+    "demo",  # the offline end-to-end demo
+    "inspection",  # `lorakit data inspect`
+    "cli_commands",  # the printing commands
+    "cli",  # the command line
+    "__init__",  # the public API
 ]
 
 
@@ -125,7 +126,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -161,10 +162,13 @@ def test_no_module_named_like_the_standard_library():
     assert not shadowing, shadowing
 
 
-@pytest.mark.parametrize("cut", [
-    ("lorakit.errors", "lorakit.config"),
-    ("lorakit.data.formats", "lorakit.prompting.templates"),
-])
+@pytest.mark.parametrize(
+    "cut",
+    [
+        ("lorakit.errors", "lorakit.config"),
+        ("lorakit.data.formats", "lorakit.prompting.templates"),
+    ],
+)
 def test_the_checks_see_a_backward_arrow(cut, monkeypatch):
     """The order check fails on an import that points to a later stage (guards the checker itself)."""
     module, target = cut

@@ -17,10 +17,21 @@ _spec.loader.exec_module(lock)
 
 # The lock is universal; these are the environments it must serve (CPython 3.10+, Linux and macOS).
 ENVIRONMENTS = [
-    {"python_version": v, "python_full_version": f"{v}.0", "sys_platform": plat, "platform_system": system,
-     "platform_machine": machine, "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+    {
+        "python_version": v,
+        "python_full_version": f"{v}.0",
+        "sys_platform": plat,
+        "platform_system": system,
+        "platform_machine": machine,
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+    }
     for v in ("3.10", "3.11", "3.12", "3.13")
-    for plat, system, machine in (("linux", "Linux", "x86_64"), ("linux", "Linux", "aarch64"), ("darwin", "Darwin", "arm64"))
+    for plat, system, machine in (
+        ("linux", "Linux", "x86_64"),
+        ("linux", "Linux", "aarch64"),
+        ("darwin", "Darwin", "arm64"),
+    )
 ]
 
 
@@ -50,7 +61,9 @@ def test_a_changed_dependency_range_makes_the_lock_stale(tmp_path, monkeypatch):
     assert lock.inputs_digest() != lock.stored_digest()
 
 
-@pytest.mark.parametrize("environment", ENVIRONMENTS, ids=lambda e: f"py{e['python_version']}-{e['sys_platform']}-{e['platform_machine']}")
+@pytest.mark.parametrize(
+    "environment", ENVIRONMENTS, ids=lambda e: f"py{e['python_version']}-{e['sys_platform']}-{e['platform_machine']}"
+)
 def test_every_requirement_is_satisfied_by_one_locked_version(environment):
     pins = _pins_for(environment)
     wanted = lock.inputs()

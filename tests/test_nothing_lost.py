@@ -19,14 +19,21 @@ from lorakit.config_loading import validate_config
 from lorakit.errors import ModelError
 from lorakit.evaluate import history
 
-QUESTIONS = [("What is the capital of France?", "Paris"), ("Who wrote the book?", "the author"),
-             ("What color is the sky?", "blue"), ("How many legs has a dog?", "four")]
+QUESTIONS = [
+    ("What is the capital of France?", "Paris"),
+    ("Who wrote the book?", "the author"),
+    ("What color is the sky?", "blue"),
+    ("How many legs has a dog?", "four"),
+]
 
 
 def snapshot(folder: Path) -> dict[str, str]:
     """{relative path: sha256} of every file below folder."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def one_error_line(capsys) -> str:
@@ -50,14 +57,24 @@ def run(base, tmp_path) -> Path:
     """A run on `base` whose config splits a small QA file into train/validation/test."""
     root = make_run(tmp_path / "runs" / "qa", base)
     data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"{q} ({i})", "answer": a}) + "\n"
-                            for i, (q, a) in enumerate(QUESTIONS * 2)))
-    config = validate_config({
-        "data": {"path": str(data), "split": {"train": 0.5, "validation": 0.25, "test": 0.25}, "split_by": "record"},
-        "model": {"name_or_path": str(base)},
-        "template": {"name": "question_answer"},
-        "eval": {"max_new_tokens": 4, "batch_size": 4},
-    })
+    data.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "question": f"{q} ({i})", "answer": a}) + "\n"
+            for i, (q, a) in enumerate(QUESTIONS * 2)
+        )
+    )
+    config = validate_config(
+        {
+            "data": {
+                "path": str(data),
+                "split": {"train": 0.5, "validation": 0.25, "test": 0.25},
+                "split_by": "record",
+            },
+            "model": {"name_or_path": str(base)},
+            "template": {"name": "question_answer"},
+            "eval": {"max_new_tokens": 4, "batch_size": 4},
+        }
+    )
     (root / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
     return root
 
@@ -136,8 +153,13 @@ def test_a_failed_evaluation_leaves_nothing(run, monkeypatch):
 
 @pytest.mark.parametrize("where", ["base", "symlink to base", "folder holding base", "inside base", "inside run"])
 def test_merge_onto_the_base_or_the_run_is_refused(where, base, run, tmp_path, capsys):
-    out = {"base": base, "symlink to base": tmp_path / "link", "folder holding base": tmp_path,
-           "inside base": base / "merged", "inside run": run / "merged"}[where]
+    out = {
+        "base": base,
+        "symlink to base": tmp_path / "link",
+        "folder holding base": tmp_path,
+        "inside base": base / "merged",
+        "inside run": run / "merged",
+    }[where]
     if where == "symlink to base":
         out.symlink_to(base, target_is_directory=True)
     base_before, run_before = snapshot(base), snapshot(run)
@@ -206,5 +228,6 @@ def test_a_hub_base_must_load_the_recorded_commit():
     with pytest.raises(ModelError, match="b{40}") as raised:
         check_base_revision(info, model("b" * 40))
     assert commit in str(raised.value) and raised.value.hint
-    check_base_revision(SimpleNamespace(root=Path("r"), base={"name_or_path": "org/model", "revision": "main"}),
-                        model("b" * 40))  # no commit was recorded: nothing to compare
+    check_base_revision(
+        SimpleNamespace(root=Path("r"), base={"name_or_path": "org/model", "revision": "main"}), model("b" * 40)
+    )  # no commit was recorded: nothing to compare

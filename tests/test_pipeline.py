@@ -37,8 +37,14 @@ def _config(data_file, model_dir, out, **sections):
         # away from the defaults, so a stage that ignored them would encode differently
         "template": {"name": "question_answer", "train_on_prompt": True, "max_length": 48},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"output_dir": str(out), "run_name": "spine", "max_steps": 1, "micro_batch_size": 2,
-                  "save_every": 1000, "best_metric": None},
+        "train": {
+            "output_dir": str(out),
+            "run_name": "spine",
+            "max_steps": 1,
+            "micro_batch_size": 2,
+            "save_every": 1000,
+            "best_metric": None,
+        },
     }
     for name, values in sections.items():
         tree[name] = {**tree.get(name, {}), **values}
@@ -104,17 +110,30 @@ def _make_run(root: Path, base_dir: Path, seed: int, system: str | None = None) 
     from lorakit.prompting.templates import resolve_template
     from lorakit.run_metadata import write_metadata
 
-    config = validate_config({"data": {"path": "unused.jsonl"}, "model": {"name_or_path": str(base_dir)},
-                              "template": {"name": "question_answer", "system_prompt": system, "max_length": 200}})
+    config = validate_config(
+        {
+            "data": {"path": "unused.jsonl"},
+            "model": {"name_or_path": str(base_dir)},
+            "template": {"name": "question_answer", "system_prompt": system, "max_length": 200},
+        }
+    )
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     paths = RunPaths(root)
     model.save_pretrained(paths.adapter)
     tokenizer.save_pretrained(paths.adapter)
-    write_metadata(paths.adapter, base=base_model_identity(config.model), task_type="causal",
-                   template=resolve_template(config.template, tokenizer, "causal"), precision="float32", max_length=200)
+    write_metadata(
+        paths.adapter,
+        base=base_model_identity(config.model),
+        task_type="causal",
+        template=resolve_template(config.template, tokenizer, "causal"),
+        precision="float32",
+        max_length=200,
+    )
     atomic_write_text(paths.config, config.to_yaml())
     return root
 
@@ -188,7 +207,9 @@ def test_plan_passes_every_config_value_to_the_memory_model(tiny_llama_dir, data
     from lorakit.plan.shape import read_model_shape
 
     config = _config(
-        data_file, tiny_llama_dir, tmp_path,
+        data_file,
+        tiny_llama_dir,
+        tmp_path,
         lora={"r": 12, "dropout": 0.2, "target_modules": "all-linear", "use_dora": True},
         train={"optimizer": "adamw_torch_fused", "gradient_checkpointing": True, "micro_batch_size": 3},
     )
@@ -200,9 +221,16 @@ def test_plan_passes_every_config_value_to_the_memory_model(tiny_llama_dir, data
 
     monkeypatch.setattr(estimate, "estimate_step_memory", spy)
     estimate.estimate_memory(config, read_model_shape(config.model), "cpu", 64)
-    mirrored = {"lora_r": 12, "lora_dropout": 0.2, "target_modules": "all-linear", "use_dora": True,
-                "optimizer": "adamw_torch_fused", "gradient_checkpointing": True, "micro_batch": 3,
-                "quantization": "none"}
+    mirrored = {
+        "lora_r": 12,
+        "lora_dropout": 0.2,
+        "target_modules": "all-linear",
+        "use_dora": True,
+        "optimizer": "adamw_torch_fused",
+        "gradient_checkpointing": True,
+        "micro_batch": 3,
+        "quantization": "none",
+    }
     assert {key: seen[key] for key in mirrored} == mirrored
     # and where a caller leaves one out, the memory model assumes the config's own default
     params = inspect.signature(estimate_step_memory).parameters

@@ -23,7 +23,11 @@ BASE = {"name_or_path": "/models/tiny", "gguf_file": None, "revision": None, "sh
 
 def _config(tmp_path, **train):
     return validate_config(
-        {"data": {"path": "data/faq.jsonl"}, "model": {"name_or_path": "org/Tiny-Model"}, "train": {"output_dir": str(tmp_path), **train}}
+        {
+            "data": {"path": "data/faq.jsonl"},
+            "model": {"name_or_path": "org/Tiny-Model"},
+            "train": {"output_dir": str(tmp_path), **train},
+        }
     )
 
 
@@ -32,8 +36,15 @@ def _finished_run(root, config=None):
     paths.adapter.mkdir(parents=True)
     (paths.adapter / "adapter_model.safetensors").write_bytes(b"weights")
     (paths.adapter / "adapter_config.json").write_text("{}")
-    write_metadata(paths.adapter, base=BASE, task_type="causal", template=TEMPLATE, precision="float32",
-                   max_length=256, extra={"train_examples": 4})
+    write_metadata(
+        paths.adapter,
+        base=BASE,
+        task_type="causal",
+        template=TEMPLATE,
+        precision="float32",
+        max_length=256,
+        extra={"train_examples": 4},
+    )
     if config is not None:
         atomic_write_text(paths.config, config.to_yaml())
     return paths
@@ -41,8 +52,16 @@ def _finished_run(root, config=None):
 
 def test_a_run_folder_is_self_contained_and_resumes_from_its_newest_complete_checkpoint(tmp_path):
     paths = RunPaths(tmp_path / "r")
-    parts = [paths.config, paths.adapter, paths.checkpoints, paths.metrics, paths.config_changes,
-             paths.plots, paths.eval, paths.lorakit_json]
+    parts = [
+        paths.config,
+        paths.adapter,
+        paths.checkpoints,
+        paths.metrics,
+        paths.config_changes,
+        paths.plots,
+        paths.eval,
+        paths.lorakit_json,
+    ]
     # a run can be moved or copied as one folder: every part lives under its root, no two share a path
     assert all(part.is_relative_to(paths.root) for part in parts) and len(set(parts)) == len(parts)
     assert not paths.is_finished() and paths.latest_checkpoint() is None

@@ -31,16 +31,24 @@ def t5_run(tmp_path_factory, tiny_t5_dir):
     folder = tmp_path_factory.mktemp("t5")
     data = folder / "qa.jsonl"
     data.write_text("\n".join(json.dumps({"question": q, "answer": a}) for q, a in QA), encoding="utf-8")
-    config = validate_config({
-        "data": {"path": str(data), "split": {"train": 1.0, "validation": 0.0, "test": 0.0}},
-        "model": {"name_or_path": str(tiny_t5_dir)},  # task type detected from the config
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
-        "train": {
-            "output_dir": str(folder / "runs"), "run_name": "t5", "micro_batch_size": 4, "max_steps": 400,
-            "learning_rate": 5e-3, "lr_scheduler": "constant", "warmup_ratio": 0.0, "logging_steps": 50,
-            "save_every": 1000,
-        },
-    })
+    config = validate_config(
+        {
+            "data": {"path": str(data), "split": {"train": 1.0, "validation": 0.0, "test": 0.0}},
+            "model": {"name_or_path": str(tiny_t5_dir)},  # task type detected from the config
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+            "train": {
+                "output_dir": str(folder / "runs"),
+                "run_name": "t5",
+                "micro_batch_size": 4,
+                "max_steps": 400,
+                "learning_rate": 5e-3,
+                "lr_scheduler": "constant",
+                "warmup_ratio": 0.0,
+                "logging_steps": 50,
+                "save_every": 1000,
+            },
+        }
+    )
     return train(config), data
 
 
@@ -92,12 +100,16 @@ def test_seq2seq_merge_equals_adapter_and_serves(t5_run, tmp_path):
     for question, answer in QA:
         assert generate_command(str(tmp_path / "merged"), question) == answer
     with TestClient(create_app([f"t5={paths.root}"], max_tokens_limit=32)) as http:
-        reply = http.post("/v1/chat/completions", json={
-            "model": "t5", "messages": [{"role": "user", "content": QA[0][0]}], "max_tokens": 16,
-        })
+        reply = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "t5",
+                "messages": [{"role": "user", "content": QA[0][0]}],
+                "max_tokens": 16,
+            },
+        )
         assert reply.status_code == 200, reply.text
         assert reply.json()["choices"][0]["message"]["content"] == QA[0][1]
-
 
 
 def _teacher_forced(model, predictor, question, answer):

@@ -110,8 +110,15 @@ def build_tiny_t5(out_dir: Path, *, seed: int = 0) -> Path:
 SYSTEM = "Answer briefly."
 
 
-def make_run(root: Path, base_dir: Path, *, template_name: str = "question_answer", seed: int = 1,
-             quantization: str = "none", task_type: str = "causal") -> Path:
+def make_run(
+    root: Path,
+    base_dir: Path,
+    *,
+    template_name: str = "question_answer",
+    seed: int = 1,
+    quantization: str = "none",
+    task_type: str = "causal",
+) -> Path:
     """A run folder as `lorakit train` writes it, with a random non-zero LoRA adapter (no training)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -124,18 +131,22 @@ def make_run(root: Path, base_dir: Path, *, template_name: str = "question_answe
     from lorakit.run_metadata import write_metadata
     from lorakit.runs import RunPaths
 
-    config = validate_config({
-        "data": {"path": "unused.jsonl"},
-        "model": {"name_or_path": str(base_dir), "quantization": quantization},
-        "template": {"name": template_name, "system_prompt": SYSTEM},
-    })
+    config = validate_config(
+        {
+            "data": {"path": "unused.jsonl"},
+            "model": {"name_or_path": str(base_dir), "quantization": quantization},
+            "template": {"name": template_name, "system_prompt": SYSTEM},
+        }
+    )
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     template = resolve_template(config.template, tokenizer, task_type)
     seq2seq = task_type == "seq2seq"
     model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(base_dir, dtype=torch.float32)
     targets = ["q", "v", "o"] if seq2seq else ["q_proj", "v_proj", "o_proj"]
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                  task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"),
+    )
     torch.manual_seed(seed)
     with torch.no_grad():  # lora_B starts at zero; make the adapter change the outputs clearly
         for name, param in peft_model.named_parameters():
@@ -144,7 +155,13 @@ def make_run(root: Path, base_dir: Path, *, template_name: str = "question_answe
     paths = RunPaths(root)
     peft_model.save_pretrained(paths.adapter)
     tokenizer.save_pretrained(paths.adapter)
-    write_metadata(paths.adapter, base=base_model_identity(config.model), task_type=task_type, template=template,
-                   precision="float32", max_length=256)
+    write_metadata(
+        paths.adapter,
+        base=base_model_identity(config.model),
+        task_type=task_type,
+        template=template,
+        precision="float32",
+        max_length=256,
+    )
     atomic_write_text(paths.config, config.to_yaml())
     return root

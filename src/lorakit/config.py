@@ -37,47 +37,80 @@ class SplitConfig(Section):
 
 
 class DataConfig(Section):
-    path: str = Field(..., description="Training data: a file (JSON, JSONL, CSV, TSV, Parquet), a save_to_disk folder, or a hub name.")
-    format: Literal[
-        "auto", "squad", "squad_flat", "qa", "faq", "alpaca", "sharegpt", "messages", "columns"
-    ] = Field("auto", description="Input format; auto detects it and says which it found.")
-    column_map: dict[str, str] = Field(default_factory=dict, description="Canonical field -> column name, e.g. {question: Q, answer: A, context: passage}.")
-    validation_path: str | None = Field(None, description="An explicit validation file (replaces the ratio split for validation).")
+    path: str = Field(
+        ..., description="Training data: a file (JSON, JSONL, CSV, TSV, Parquet), a save_to_disk folder, or a hub name."
+    )
+    format: Literal["auto", "squad", "squad_flat", "qa", "faq", "alpaca", "sharegpt", "messages", "columns"] = Field(
+        "auto", description="Input format; auto detects it and says which it found."
+    )
+    column_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="Canonical field -> column name, e.g. {question: Q, answer: A, context: passage}.",
+    )
+    validation_path: str | None = Field(
+        None, description="An explicit validation file (replaces the ratio split for validation)."
+    )
     test_path: str | None = Field(None, description="An explicit test file (replaces the ratio split for test).")
     split: SplitConfig = Field(default_factory=SplitConfig)
-    split_by: Literal["auto", "context", "group", "record"] = Field("auto", description="auto keeps records of one passage/article in one split when the data has passages.")
+    split_by: Literal["auto", "context", "group", "record"] = Field(
+        "auto", description="auto keeps records of one passage/article in one split when the data has passages."
+    )
     seed: int = Field(42, description="Seed of the train/validation/test split.")
     max_records: int | None = Field(None, gt=0, description="Use at most this many records (after cleaning).")
     deduplicate: bool = Field(True, description="Drop exact duplicate records (reported).")
-    no_answer: str = Field("unanswerable", min_length=1, description="Target text for unanswerable questions (SQuAD 2.0).")
+    no_answer: str = Field(
+        "unanswerable", min_length=1, description="Target text for unanswerable questions (SQuAD 2.0)."
+    )
     hub_split: str = Field("train", description="Split to read when data.path is a hub dataset name.")
 
 
 class TemplateConfig(Section):
-    name: str = Field("auto", description="auto, chat (model's own), human_assistant, question_answer, alpaca, context_qa, or custom.")
+    name: str = Field(
+        "auto", description="auto, chat (model's own), human_assistant, question_answer, alpaca, context_qa, or custom."
+    )
     custom: str | None = Field(None, description="Jinja template text (used when name is custom).")
-    system_prompt: str | None = Field(None, description="A system prompt rendered into every example (stored with the run).")
+    system_prompt: str | None = Field(
+        None, description="A system prompt rendered into every example (stored with the run)."
+    )
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens (default: completion only).")
-    max_length: int = Field(1024, ge=16, description="Token limit per example; the context is shortened first, the answer never cut.")
+    max_length: int = Field(
+        1024, ge=16, description="Token limit per example; the context is shortened first, the answer never cut."
+    )
 
 
 class ModelConfig(Section):
     name_or_path: str = Field(..., description="Hub id, local folder, or local .gguf file.")
     gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path (a folder).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    task_type: Literal["auto", "causal", "seq2seq"] = Field("auto", description="auto reads it from the model config (encoder-decoder -> seq2seq).")
-    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: float32 on CPU, bf16 on GPUs that have it, fp16 + float32 master weights otherwise (T4).")
-    quantization: Literal["none", "4bit", "8bit"] = Field("none", description="4bit = QLoRA (NF4, double quantization); needs a CUDA GPU and bitsandbytes.")
+    task_type: Literal["auto", "causal", "seq2seq"] = Field(
+        "auto", description="auto reads it from the model config (encoder-decoder -> seq2seq)."
+    )
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="auto: float32 on CPU, bf16 on GPUs that have it, fp16 + float32 master weights otherwise (T4).",
+    )
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="4bit = QLoRA (NF4, double quantization); needs a CUDA GPU and bitsandbytes."
+    )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
-    attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2 (None: transformers chooses).")
-    device_map: str | None = Field(None, description="auto spreads a model that does not fit one GPU over all visible GPUs.")
+    attn_implementation: str | None = Field(
+        None, description="eager, sdpa or flash_attention_2 (None: transformers chooses)."
+    )
+    device_map: str | None = Field(
+        None, description="auto spreads a model that does not fit one GPU over all visible GPUs."
+    )
 
 
 class LoraConfig(Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    alpha: float = Field(
+        32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)."
+    )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: Literal["auto", "all-linear"] | list[str] = Field("auto", description="auto: the family's attention projections (q_proj/v_proj, q/v for T5); all-linear; or a list.")
+    target_modules: Literal["auto", "all-linear"] | list[str] = Field(
+        "auto",
+        description="auto: the family's attention projections (q_proj/v_proj, q/v for T5); all-linear; or a list.",
+    )
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
@@ -94,22 +127,38 @@ class TrainConfig(Section):
     lr_scheduler: str = Field("cosine", description="transformers scheduler name: cosine, linear, constant, ...")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    optimizer: str = Field("adamw_torch", description="transformers optimizer name: adamw_torch, adamw_8bit, paged_adamw_8bit, ...")
+    optimizer: str = Field(
+        "adamw_torch", description="transformers optimizer name: adamw_torch, adamw_8bit, paged_adamw_8bit, ..."
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Training seed (initialisation, shuffling, dropout).")
     logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and tokens/s every N steps.")
     eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (None: once per epoch).")
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (None: once per epoch).")
     save_total_limit: int = Field(3, ge=1, description="Checkpoints kept (the best one is always kept).")
-    best_metric: str | None = Field("eval_loss", description="Metric that picks the best checkpoint (eval_loss, eval_f1, ...).")
-    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N evaluations without improvement of best_metric.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    best_metric: str | None = Field(
+        "eval_loss", description="Metric that picks the best checkpoint (eval_loss, eval_f1, ...)."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after N evaluations without improvement of best_metric."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, ~30% slower."
+    )
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
     report_to: list[str] = Field(default_factory=list, description="tensorboard, wandb, mlflow.")
-    generation_eval_every: int | None = Field(None, ge=1, description="Every N steps, evaluate by generating answers for a validation subset: logs eval_exact_match and eval_f1 (usable as best_metric and for early stopping); sets the evaluation interval.")
+    generation_eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="Every N steps, evaluate by generating answers for a validation subset: logs eval_exact_match and eval_f1 (usable as best_metric and for early stopping); sets the evaluation interval.",
+    )
     generation_eval_examples: int = Field(32, ge=1, description="Validation examples used by generation_eval_every.")
-    auto_fit: bool = Field(False, description="Pick micro-batch, accumulation, checkpointing to fit the device (see lorakit plan --fit).")
-    overwrite: bool = Field(False, description="Allow training into a run folder that already holds a finished adapter.")
+    auto_fit: bool = Field(
+        False, description="Pick micro-batch, accumulation, checkpointing to fit the device (see lorakit plan --fit)."
+    )
+    overwrite: bool = Field(
+        False, description="Allow training into a run folder that already holds a finished adapter."
+    )
 
     @field_validator("optimizer", "lr_scheduler")
     @classmethod
@@ -145,7 +194,11 @@ class TrainConfig(Section):
         metric = _eval_name(self.best_metric)
         logged = ["eval_loss"] + (list(GENERATION_METRICS) if self.generation_eval_every else [])
         if metric not in logged:
-            needs = " (eval_exact_match and eval_f1 need train.generation_eval_every)" if metric in GENERATION_METRICS else ""
+            needs = (
+                " (eval_exact_match and eval_f1 need train.generation_eval_every)"
+                if metric in GENERATION_METRICS
+                else ""
+            )
             raise Problem(
                 f"best_metric {self.best_metric!r} is never logged{needs}; evaluation logs {', '.join(logged)}",
                 "set train.best_metric to one of those (eval_f1/eval_exact_match with train.generation_eval_every), or to null",
@@ -161,13 +214,18 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    split: Literal["train", "validation", "test"] = Field("test", description="Which split of the run's data lorakit eval scores.")
+    split: Literal["train", "validation", "test"] = Field(
+        "test", description="Which split of the run's data lorakit eval scores."
+    )
     max_new_tokens: int = Field(64, ge=1, description="Generation limit per answer.")
     batch_size: int = Field(16, ge=1, description="Questions generated together (batched, left-padded).")
     temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with temperature > 0).")
     max_examples: int | None = Field(None, ge=1, description="Score at most this many examples.")
-    lang: str | None = Field(None, description="Language code for answer normalization (fa, bn, ...); None picks per example from the references.")
+    lang: str | None = Field(
+        None,
+        description="Language code for answer normalization (fa, bn, ...); None picks per example from the references.",
+    )
     bleu_tokenize: str = Field("auto", description="sacreBLEU tokenizer: auto, 13a, intl, char, zh, ...")
 
     @field_validator("bleu_tokenize")
@@ -189,8 +247,12 @@ class ServeConfig(Section):
     api_key: str | None = Field(None, description="Require this bearer token (or set LORAKIT_API_KEY).")
     max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
     max_batch_size: int = Field(8, ge=1, description="Requests generated together.")
-    max_wait_ms: float = Field(10.0, ge=0, description="How long the worker waits to gather a batch of compatible requests.")
-    max_body_bytes: int = Field(1024 * 1024, ge=1, description="Larger request bodies are refused with 413 before they are parsed.")
+    max_wait_ms: float = Field(
+        10.0, ge=0, description="How long the worker waits to gather a batch of compatible requests."
+    )
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1, description="Larger request bodies are refused with 413 before they are parsed."
+    )
 
 
 class LorakitConfig(Section):

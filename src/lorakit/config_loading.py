@@ -41,7 +41,8 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
         key, raw = item.split("=", 1)
         if not all(part.strip() for part in key.split(".")):
             raise ConfigError(
-                f"--set '{item}': '{key}' is not a key.", hint="write --set section.key=value, e.g. --set train.epochs=2"
+                f"--set '{item}': '{key}' is not a key.",
+                hint="write --set section.key=value, e.g. --set train.epochs=2",
             )
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
@@ -135,9 +136,14 @@ def load_config_tree(path: str | Path | None, overrides: list[str] | None = None
     if path is not None:
         path = Path(path)
         if path.is_dir():
-            raise ConfigError(f"'{path}' is a folder, not a config file.", hint="give the YAML file itself, e.g. examples/faq_chatbot.yaml")
+            raise ConfigError(
+                f"'{path}' is a folder, not a config file.",
+                hint="give the YAML file itself, e.g. examples/faq_chatbot.yaml",
+            )
         if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist.", hint="check the path, or start from one in examples/")
+            raise ConfigError(
+                f"config file '{path}' does not exist.", hint="check the path, or start from one in examples/"
+            )
         try:
             loader = _WarnDuplicatesLoader(_read_utf8(path))
             loader.name = str(path)  # for the duplicate-key warning
@@ -148,7 +154,9 @@ def load_config_tree(path: str | Path | None, overrides: list[str] | None = None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}.", hint="fix the YAML syntax there") from None
+            raise ConfigError(
+                f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}.", hint="fix the YAML syntax there"
+            ) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -169,7 +177,9 @@ def _read_utf8(path: Path) -> str:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}.", hint="check the path and its permissions") from None
+        raise ConfigError(
+            f"{path}: cannot read the config file: {exc.strerror}.", hint="check the path and its permissions"
+        ) from None
     encoding = wide_encoding(data)
     if encoding:
         raise ConfigError(f"{path}: the file is encoded as {encoding}, not UTF-8.", hint="re-save it as UTF-8")
@@ -193,7 +203,9 @@ class _WarnDuplicatesLoader(yaml.SafeLoader):
             if key is not None and key in seen:
                 logger.warning(
                     "warning: %s line %d: duplicate key '%s'; the last value is used.",
-                    self.name, key_node.start_mark.line + 1, key,
+                    self.name,
+                    key_node.start_mark.line + 1,
+                    key,
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)

@@ -42,8 +42,10 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 
 # Byte-order marks of the encodings people save text in by mistake (Windows "Unicode" is UTF-16).
 _BOMS = (
-    (b"\xff\xfe\x00\x00", "UTF-32 LE"), (b"\x00\x00\xfe\xff", "UTF-32 BE"),
-    (b"\xff\xfe", "UTF-16 LE"), (b"\xfe\xff", "UTF-16 BE"),
+    (b"\xff\xfe\x00\x00", "UTF-32 LE"),
+    (b"\x00\x00\xfe\xff", "UTF-32 BE"),
+    (b"\xff\xfe", "UTF-16 LE"),
+    (b"\xfe\xff", "UTF-16 BE"),
 )
 
 

@@ -211,7 +211,9 @@ def load_run(
     tokenizer = run_tokenizer(info)
     if dtype is None:
         dtype, _ = choose_precision("auto", device)
-    model = load_base_model(model_config, info.task_type, dtype=dtype, device=None if quantization != "none" else device)
+    model = load_base_model(
+        model_config, info.task_type, dtype=dtype, device=None if quantization != "none" else device
+    )
     if not merged:
         check_base_revision(info, model)
     if getattr(model.config, "pad_token_id", None) is None:

@@ -37,11 +37,13 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
 def record_config_change(paths: RunPaths, step: int, changes: dict[str, tuple[Any, Any]]) -> list[dict[str, Any]]:
     """Append a resume's accepted config change to config_changes.json; returns the whole history."""
     history = read_config_history(paths)
-    history.append({
-        "resumed_at_step": step,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "changes": {key: {"old": a, "new": b} for key, (a, b) in changes.items()},
-    })
+    history.append(
+        {
+            "resumed_at_step": step,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "changes": {key: {"old": a, "new": b} for key, (a, b) in changes.items()},
+        }
+    )
     atomic_write_json(paths.config_changes, history)
     return history
 
@@ -128,7 +130,9 @@ def _locate(path: Path) -> tuple[Path, Path | None, Path]:
             hint="pass a run folder (runs/<name>), its adapter/ folder, or a merged model folder; train first with `lorakit train`",
         )
     if not path.is_dir():
-        raise RunError(f"'{path}' is a file, not a run folder.", hint="pass the run folder runs/<name> that `lorakit train` wrote")
+        raise RunError(
+            f"'{path}' is a file, not a run folder.", hint="pass the run folder runs/<name> that `lorakit train` wrote"
+        )
     nested = RunPaths(path)
     if nested.lorakit_json.is_file():
         return path, nested.adapter, nested.adapter
@@ -183,7 +187,9 @@ def read_run(path: str | os.PathLike[str]) -> RunInfo:
     try:
         metadata = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"'{meta_path}' is not valid JSON: {exc}.", hint="retrain the run, or restore the file") from None
+        raise RunError(
+            f"'{meta_path}' is not valid JSON: {exc}.", hint="retrain the run, or restore the file"
+        ) from None
     missing = [k for k in ("base_model", "task_type", "template") if k not in metadata]
     if missing:
         raise RunError(

@@ -190,7 +190,9 @@ def prepare_run_dir(root: str | os.PathLike[str], *, resume: bool, overwrite: bo
             skipped = paths.incomplete_checkpoints()
             raise RunError(
                 f"cannot resume: '{paths.checkpoints}' holds no complete checkpoint-N folder"
-                + (f" ({', '.join(f.name for f in skipped)} incomplete: the save was interrupted)." if skipped else "."),
+                + (
+                    f" ({', '.join(f.name for f in skipped)} incomplete: the save was interrupted)." if skipped else "."
+                ),
                 hint="train without --resume to start this run, or point --set train.run_name at the interrupted run",
             )
         return paths

@@ -11,7 +11,9 @@ from lorakit.data.example import Example
 def qa(question, answer, source, context=None):
     return Example(
         messages=[{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
-        context=context, answers=[answer] if answer.strip() else [], source=source,
+        context=context,
+        answers=[answer] if answer.strip() else [],
+        source=source,
     )
 
 
@@ -70,9 +72,14 @@ def test_duplicates_found_after_normalisation():
 
 
 def test_empty_middle_turn_is_dropped():
-    example = Example(messages=[
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": ""},
-        {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"},
-    ], source="f:0")
+    example = Example(
+        messages=[
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": ""},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "ok"},
+        ],
+        source="f:0",
+    )
     kept, report = clean_examples([example])
     assert kept == [] and report.dropped == [("f:0", "empty turn")]

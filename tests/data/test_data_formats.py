@@ -20,9 +20,7 @@ PAIRS = [
 
 
 def canonical(examples, with_context=True):
-    return [
-        (ex.messages, ex.context if with_context else None, ex.answers) for ex in examples
-    ]
+    return [(ex.messages, ex.context if with_context else None, ex.answers) for ex in examples]
 
 
 def expected(with_context=True):
@@ -58,10 +56,21 @@ def squad_doc(pairs=PAIRS):
     return {
         "version": "1.1",
         "data": [
-            {"title": f"Article {i}", "paragraphs": [{"context": p["context"], "qas": [
-                {"id": p["id"], "question": p["question"],
-                 "answers": [{"text": p["answer"], "answer_start": p["context"].index(p["answer"])}]},
-            ]}]}
+            {
+                "title": f"Article {i}",
+                "paragraphs": [
+                    {
+                        "context": p["context"],
+                        "qas": [
+                            {
+                                "id": p["id"],
+                                "question": p["question"],
+                                "answers": [{"text": p["answer"], "answer_start": p["context"].index(p["answer"])}],
+                            },
+                        ],
+                    }
+                ],
+            }
             for i, p in enumerate(pairs)
         ],
     }
@@ -76,8 +85,13 @@ def make_squad(tmp_path):
 
 def make_squad_flat_json(tmp_path):
     records = [
-        {"id": p["id"], "title": "t", "question": p["question"], "context": p["context"],
-         "answers": {"text": [p["answer"]], "answer_start": [p["context"].index(p["answer"])]}}
+        {
+            "id": p["id"],
+            "title": "t",
+            "question": p["question"],
+            "context": p["context"],
+            "answers": {"text": [p["answer"]], "answer_start": [p["context"].index(p["answer"])]},
+        }
         for p in PAIRS
     ]
     return write_json(tmp_path / "flat.json", records), "squad_flat"
@@ -85,8 +99,13 @@ def make_squad_flat_json(tmp_path):
 
 def make_squad_flat_csv(tmp_path):
     rows = [
-        {"id": p["id"], "question": p["question"], "context": p["context"],
-         "answers.text": json.dumps([p["answer"]], ensure_ascii=False), "answers.answer_start": "[0]"}
+        {
+            "id": p["id"],
+            "question": p["question"],
+            "context": p["context"],
+            "answers.text": json.dumps([p["answer"]], ensure_ascii=False),
+            "answers.answer_start": "[0]",
+        }
         for p in PAIRS
     ]
     return write_csv(tmp_path / "flat.csv", rows), "squad_flat"
@@ -97,8 +116,12 @@ def make_squad_flat_parquet(tmp_path):
     import pyarrow.parquet as pq
 
     records = [
-        {"id": p["id"], "question": p["question"], "context": p["context"],
-         "answers": {"text": [p["answer"]], "answer_start": [0]}}
+        {
+            "id": p["id"],
+            "question": p["question"],
+            "context": p["context"],
+            "answers": {"text": [p["answer"]], "answer_start": [0]},
+        }
         for p in PAIRS
     ]
     path = tmp_path / "flat.parquet"
@@ -119,14 +142,24 @@ def make_saved_dataset(tmp_path):
     import datasets
 
     folder = tmp_path / "saved"
-    datasets.Dataset.from_list([{"query": p["question"], "response": p["answer"], "context": p["context"]} for p in PAIRS]).save_to_disk(str(folder))
+    datasets.Dataset.from_list(
+        [{"query": p["question"], "response": p["answer"], "context": p["context"]} for p in PAIRS]
+    ).save_to_disk(str(folder))
     return folder, "qa"
 
 
-@pytest.mark.parametrize("make", [
-    make_squad, make_squad_flat_json, make_squad_flat_csv, make_squad_flat_parquet,
-    make_qa_jsonl, make_qa_tsv, make_saved_dataset,
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        make_squad,
+        make_squad_flat_json,
+        make_squad_flat_csv,
+        make_squad_flat_parquet,
+        make_qa_jsonl,
+        make_qa_tsv,
+        make_saved_dataset,
+    ],
+)
 def test_formats_with_context_give_the_same_examples(tmp_path, make):
     path, fmt = make(tmp_path)
     loaded = load_examples(str(path))
@@ -160,16 +193,24 @@ def make_faq_other_key(tmp_path):
 
 
 def make_alpaca(tmp_path):
-    return write_json(tmp_path / "alpaca.json", [{"instruction": p["question"], "input": "", "output": p["answer"]} for p in PAIRS]), "alpaca"
+    return write_json(
+        tmp_path / "alpaca.json", [{"instruction": p["question"], "input": "", "output": p["answer"]} for p in PAIRS]
+    ), "alpaca"
 
 
 def make_sharegpt(tmp_path):
-    records = [{"conversations": [{"from": "human", "value": p["question"]}, {"from": "gpt", "value": p["answer"]}]} for p in PAIRS]
+    records = [
+        {"conversations": [{"from": "human", "value": p["question"]}, {"from": "gpt", "value": p["answer"]}]}
+        for p in PAIRS
+    ]
     return write_jsonl(tmp_path / "sharegpt.jsonl", records), "sharegpt"
 
 
 def make_messages(tmp_path):
-    records = [{"messages": [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": p["answer"]}]} for p in PAIRS]
+    records = [
+        {"messages": [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": p["answer"]}]}
+        for p in PAIRS
+    ]
     return write_jsonl(tmp_path / "chat.jsonl", records), "messages"
 
 
@@ -177,7 +218,9 @@ def make_prompt_completion_csv(tmp_path):
     return write_csv(tmp_path / "pc.csv", [{"prompt": p["question"], "completion": p["answer"]} for p in PAIRS]), "qa"
 
 
-@pytest.mark.parametrize("make", [make_faq, make_faq_other_key, make_alpaca, make_sharegpt, make_messages, make_prompt_completion_csv])
+@pytest.mark.parametrize(
+    "make", [make_faq, make_faq_other_key, make_alpaca, make_sharegpt, make_messages, make_prompt_completion_csv]
+)
 def test_formats_without_context_give_the_same_examples(tmp_path, make):
     path, fmt = make(tmp_path)
     loaded = load_examples(str(path))
@@ -193,11 +236,31 @@ def test_formats_without_context_give_the_same_examples(tmp_path, make):
 
 
 def test_squad_v2_unanswerable_and_reference_answers(tmp_path):
-    doc = {"data": [{"title": "باشگاه", "paragraphs": [{"context": "رئال مادرید در مادرید است.", "qas": [
-        {"id": 7, "question": "رئال کجاست؟", "is_impossible": False, "answers": [
-            {"text": "مادرید", "answer_start": 14}, {"text": "مادرید ", "answer_start": 14}, {"text": "در مادرید", "answer_start": 11}]},
-        {"id": 8, "question": "بارسلونا چند بار قهرمان شده؟", "is_impossible": True, "answers": []},
-    ]}]}]}
+    doc = {
+        "data": [
+            {
+                "title": "باشگاه",
+                "paragraphs": [
+                    {
+                        "context": "رئال مادرید در مادرید است.",
+                        "qas": [
+                            {
+                                "id": 7,
+                                "question": "رئال کجاست؟",
+                                "is_impossible": False,
+                                "answers": [
+                                    {"text": "مادرید", "answer_start": 14},
+                                    {"text": "مادرید ", "answer_start": 14},
+                                    {"text": "در مادرید", "answer_start": 11},
+                                ],
+                            },
+                            {"id": 8, "question": "بارسلونا چند بار قهرمان شده؟", "is_impossible": True, "answers": []},
+                        ],
+                    }
+                ],
+            }
+        ]
+    }
     path = write_json(tmp_path / "pqa.json", doc)
     loaded = load_examples(str(path), no_answer="پاسخی وجود ندارد")
     answerable, impossible = loaded.examples
@@ -224,7 +287,9 @@ def test_squad_flat_empty_answer_list_is_unanswerable(tmp_path):
 
 
 def test_alpaca_input_and_system(tmp_path):
-    records = [{"instruction": "Translate to Persian.", "input": "Good morning", "output": "صبح بخیر", "system": "Be brief."}]
+    records = [
+        {"instruction": "Translate to Persian.", "input": "Good morning", "output": "صبح بخیر", "system": "Be brief."}
+    ]
     (example,) = load_examples(str(write_json(tmp_path / "a.json", records))).examples
     assert example.messages == [
         {"role": "system", "content": "Be brief."},
@@ -235,9 +300,18 @@ def test_alpaca_input_and_system(tmp_path):
 
 
 def test_multi_turn_chat_keeps_every_turn(tmp_path):
-    records = [{"id": "c1", "conversations": [
-        {"from": "system", "value": "You are kind."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
-        {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Goodbye!"}]}]
+    records = [
+        {
+            "id": "c1",
+            "conversations": [
+                {"from": "system", "value": "You are kind."},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello!"},
+                {"from": "human", "value": "Bye"},
+                {"from": "gpt", "value": "Goodbye!"},
+            ],
+        }
+    ]
     (example,) = load_examples(str(write_jsonl(tmp_path / "c.jsonl", records))).examples
     assert [m["role"] for m in example.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert example.answers == ["Goodbye!"] and example.id == "c1"
@@ -302,7 +376,9 @@ def test_explicit_format_that_does_not_match(tmp_path):
 
 
 def test_wrong_field_type_names_record_and_field(tmp_path):
-    path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "ok", "answer": "ok"}, {"question": {"nested": 1}, "answer": "x"}])
+    path = write_jsonl(
+        tmp_path / "bad.jsonl", [{"question": "ok", "answer": "ok"}, {"question": {"nested": 1}, "answer": "x"}]
+    )
     with pytest.raises(DataError, match=r"bad.jsonl record 1 \(line 2\): field 'question' is a dict"):
         load_examples(str(path))
 
@@ -322,14 +398,19 @@ def test_squad_answer_offsets_are_repaired_and_counted(tmp_path):
         {"id": "off", "question": "Who ran?", "answers": [{"text": "cat", "answer_start": 13}]},
         {"id": "gone", "question": "Who flew?", "answers": [{"text": "bird", "answer_start": 0}]},
     ]
-    path = write_json(tmp_path / "squad.json", {"data": [{"title": "t", "paragraphs": [{"context": context, "qas": qas}]}]})
+    path = write_json(
+        tmp_path / "squad.json", {"data": [{"title": "t", "paragraphs": [{"context": context, "qas": qas}]}]}
+    )
     loaded = load_examples(str(path))
     assert [ex.id for ex in loaded.examples] == ["ok", "off", "gone"]  # suspect answers are kept, only counted
     assert dict(loaded.report.repaired) == {ANSWER_START_FIXED: 1, ANSWER_NOT_IN_CONTEXT: 1}
     assert f"kept, {ANSWER_START_FIXED}: 1" in loaded.report.summary()
     # the nearest occurrence wins: offset 13 is 2 away from "cat" at 15 and 11 away from the one at 2
     assert _check_starts(read_raw(path), context, ["cat", "cat", "bird"], [2, 13, 0]) == [2, 15, None]
-    flat = write_json(tmp_path / "flat.json", [
-        {"question": "Who ran?", "context": context, "answers": {"text": ["cat"], "answer_start": [14]}},
-    ])
+    flat = write_json(
+        tmp_path / "flat.json",
+        [
+            {"question": "Who ran?", "context": context, "answers": {"text": ["cat"], "answer_start": [14]}},
+        ],
+    )
     assert dict(load_examples(str(flat)).report.repaired) == {ANSWER_START_FIXED: 1}

@@ -12,13 +12,21 @@ def squad_file(path, n_articles=6):
     for a in range(n_articles):
         context = f"Article {a} says the river number {a} is long and the town {a} is old."
         qas = [
-            {"id": f"q{a}-1", "question": f"Which river is in article {a}?",
-             "answers": [{"text": f"river number {a}", "answer_start": context.index("river")}]},
-            {"id": f"q{a}-2", "question": f"What is old in article {a}?",
-             "answers": [{"text": f"the town {a}", "answer_start": context.index("the town")}]},
+            {
+                "id": f"q{a}-1",
+                "question": f"Which river is in article {a}?",
+                "answers": [{"text": f"river number {a}", "answer_start": context.index("river")}],
+            },
+            {
+                "id": f"q{a}-2",
+                "question": f"What is old in article {a}?",
+                "answers": [{"text": f"the town {a}", "answer_start": context.index("the town")}],
+            },
         ]
         data.append({"title": f"article-{a}", "paragraphs": [{"context": context, "qas": qas}]})
-    data[0]["paragraphs"][0]["qas"].append({"id": "empty", "question": "   ", "answers": [{"text": "x", "answer_start": 0}]})
+    data[0]["paragraphs"][0]["qas"].append(
+        {"id": "empty", "question": "   ", "answers": [{"text": "x", "answer_start": 0}]}
+    )
     path.write_text(json.dumps({"version": "1.1", "data": data}), encoding="utf-8")
     return path
 

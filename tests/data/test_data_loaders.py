@@ -78,10 +78,12 @@ def test_saved_dataset_dict_picks_the_hub_split(tmp_path):
     import datasets
 
     folder = tmp_path / "dd"
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_list([{"question": "q1", "answer": "a1"}]),
-        "test": datasets.Dataset.from_list([{"question": "q2", "answer": "a2"}]),
-    }).save_to_disk(str(folder))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list([{"question": "q1", "answer": "a1"}]),
+            "test": datasets.Dataset.from_list([{"question": "q2", "answer": "a2"}]),
+        }
+    ).save_to_disk(str(folder))
     assert read_raw(folder, hub_split="test").data == [{"question": "q2", "answer": "a2"}]
     with pytest.raises(DataError, match="hub_split"):
         read_raw(folder, hub_split="validation")
@@ -126,13 +128,16 @@ def test_utf16_without_bom_is_found_by_its_nul_bytes(tmp_path):
         read_raw(path)
 
 
-@pytest.mark.parametrize("name, text, says", [
-    ("empty.json", "", "the file is empty"),
-    ("blank.jsonl", "\n \n", "the file is empty"),
-    ("list.json", "[]", "holds no records"),
-    ("header.csv", "question,answer\n", "holds no records"),
-    ("wrapped.json", '{"data": []}', "holds no records"),
-])
+@pytest.mark.parametrize(
+    "name, text, says",
+    [
+        ("empty.json", "", "the file is empty"),
+        ("blank.jsonl", "\n \n", "the file is empty"),
+        ("list.json", "[]", "holds no records"),
+        ("header.csv", "question,answer\n", "holds no records"),
+        ("wrapped.json", '{"data": []}', "holds no records"),
+    ],
+)
 def test_empty_files_say_they_are_empty(tmp_path, name, text, says):
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
@@ -150,7 +155,9 @@ def test_deeply_nested_json_is_a_data_error(tmp_path):
 
 def test_huge_integer_names_its_line(tmp_path):
     path = tmp_path / "big.jsonl"
-    path.write_text('{"question": "q", "answer": "a"}\n{"question": "q", "answer": ' + "9" * 5000 + "}\n", encoding="utf-8")
+    path.write_text(
+        '{"question": "q", "answer": "a"}\n{"question": "q", "answer": ' + "9" * 5000 + "}\n", encoding="utf-8"
+    )
     with pytest.raises(DataError, match="line 2 holds a number with more than"):
         read_raw(path)
     nested = tmp_path / "big.json"
@@ -167,7 +174,9 @@ def test_duplicate_json_keys_warn_with_file_line_and_key(tmp_path, caplog):
     assert raw.data == [{"question": "q", "answer": "second"}]  # the last value wins, as in json
     assert "dup.json line 3: duplicate key 'answer'" in caplog.text
     lines = tmp_path / "dup.jsonl"
-    lines.write_text('{"question": "q", "answer": "a"}\n{"question": "q", "question": "r", "answer": "b"}\n', encoding="utf-8")
+    lines.write_text(
+        '{"question": "q", "answer": "a"}\n{"question": "q", "question": "r", "answer": "b"}\n', encoding="utf-8"
+    )
     caplog.clear()
     with caplog.at_level("WARNING", logger="lorakit.data"):
         read_raw(lines)

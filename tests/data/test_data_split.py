@@ -20,10 +20,14 @@ def passages(n_passages=40, per_passage=5):
     examples = []
     for p in range(n_passages):
         for q in range(1 + p % per_passage):
-            examples.append(Example(
-                messages=[{"role": "user", "content": f"q{p}-{q}"}, {"role": "assistant", "content": "a"}],
-                context=f"passage {p}", id=f"{p}-{q}", group=f"passage {p}",
-            ))
+            examples.append(
+                Example(
+                    messages=[{"role": "user", "content": f"q{p}-{q}"}, {"role": "assistant", "content": "a"}],
+                    context=f"passage {p}",
+                    id=f"{p}-{q}",
+                    group=f"passage {p}",
+                )
+            )
     return examples
 
 
@@ -83,13 +87,27 @@ def test_invalid_split_by():
 
 
 def squad_file(path, n_articles, questions=4, prefix="a"):
-    doc = {"data": [
-        {"title": f"{prefix}{a}", "paragraphs": [{"context": f"متن {prefix}{a}", "qas": [
-            {"id": f"{prefix}{a}-{q}", "question": f"پرسش {q} درباره {prefix}{a}؟",
-             "answers": [{"text": f"پاسخ {q}", "answer_start": 0}]}
-            for q in range(questions)]}]}
-        for a in range(n_articles)
-    ]}
+    doc = {
+        "data": [
+            {
+                "title": f"{prefix}{a}",
+                "paragraphs": [
+                    {
+                        "context": f"متن {prefix}{a}",
+                        "qas": [
+                            {
+                                "id": f"{prefix}{a}-{q}",
+                                "question": f"پرسش {q} درباره {prefix}{a}؟",
+                                "answers": [{"text": f"پاسخ {q}", "answer_start": 0}],
+                            }
+                            for q in range(questions)
+                        ],
+                    }
+                ],
+            }
+            for a in range(n_articles)
+        ]
+    }
     path.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
     return path
 
@@ -110,7 +128,9 @@ def test_explicit_validation_file_replaces_that_split(tmp_path):
     val_doc["data"].append(json.loads(path.read_text(encoding="utf-8"))["data"][0])
     (tmp_path / "val.json").write_text(json.dumps(val_doc, ensure_ascii=False), encoding="utf-8")
 
-    config = DataConfig(path=str(path), validation_path=str(tmp_path / "val.json"), split={"train": 0.8, "validation": 0.1, "test": 0.1})
+    config = DataConfig(
+        path=str(path), validation_path=str(tmp_path / "val.json"), split={"train": 0.8, "validation": 0.1, "test": 0.1}
+    )
     splits = load_splits(config)
     assert {ex.group for ex in splits.validation} == {"v0", "v1", "v2", "a0"}
     assert len(splits.validation) == 16
@@ -124,7 +144,8 @@ def test_explicit_validation_file_replaces_that_split(tmp_path):
 def test_both_explicit_files_leave_everything_to_train(tmp_path):
     path = squad_file(tmp_path / "train.json", 5)
     config = DataConfig(
-        path=str(path), validation_path=str(squad_file(tmp_path / "v.json", 1, prefix="v")),
+        path=str(path),
+        validation_path=str(squad_file(tmp_path / "v.json", 1, prefix="v")),
         test_path=str(squad_file(tmp_path / "t.json", 2, prefix="t")),
     )
     assert load_splits(config).counts() == {"train": 20, "validation": 4, "test": 8}
@@ -132,7 +153,9 @@ def test_both_explicit_files_leave_everything_to_train(tmp_path):
 
 def test_max_records_keeps_the_first_records(tmp_path):
     path = squad_file(tmp_path / "train.json", 10)
-    splits = load_splits(DataConfig(path=str(path), max_records=12, split={"train": 1.0, "validation": 0.0, "test": 0.0}))
+    splits = load_splits(
+        DataConfig(path=str(path), max_records=12, split={"train": 1.0, "validation": 0.0, "test": 0.0})
+    )
     assert ids(splits.train) == [f"a{a}-{q}" for a in range(3) for q in range(4)]
     assert any("max_records" in note for note in splits.notes)
 

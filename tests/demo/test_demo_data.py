@@ -56,7 +56,7 @@ def test_every_answer_is_an_exact_short_span(squad):
         for answer in qa["answers"]:
             start, text = answer["answer_start"], answer["text"]
             where = f"{article['title']} / {qa['id']}"
-            assert context[start:start + len(text)] == text, where
+            assert context[start : start + len(text)] == text, where
             assert text == text.strip() and 1 <= len(text.split()) <= 6, where
 
 

@@ -42,8 +42,11 @@ def write_tiny_gguf(hf_dir: Path, out: Path) -> Path:
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     specials = {added["content"] for added in tok["added_tokens"] if added["special"]}
     tok_config = json.loads((hf_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    template = (hf_dir / "chat_template.jinja").read_text(encoding="utf-8") if (
-        hf_dir / "chat_template.jinja").exists() else tok_config["chat_template"]
+    template = (
+        (hf_dir / "chat_template.jinja").read_text(encoding="utf-8")
+        if (hf_dir / "chat_template.jinja").exists()
+        else tok_config["chat_template"]
+    )
 
     writer = gguf.GGUFWriter(str(out), "llama")
     writer.add_name("tiny llama")
@@ -70,8 +73,12 @@ def write_tiny_gguf(hf_dir: Path, out: Path) -> Path:
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         names = {
-            "attn_norm": "input_layernorm", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-            "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+            "attn_norm": "input_layernorm",
+            "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj",
+            "ffn_norm": "post_attention_layernorm",
+            "ffn_gate": "mlp.gate_proj",
+            "ffn_up": "mlp.up_proj",
             "ffn_down": "mlp.down_proj",
         }
         writer.add_tensor(f"blk.{i}.attn_q.weight", _permute(state[p + "self_attn.q_proj.weight"], heads, heads))

@@ -19,8 +19,12 @@ from lorakit.evaluate.runner import evaluate_path, score_predictions
 
 pytestmark = pytest.mark.integration  # evaluates a run trained by the fixture
 
-PAIRS = [("What is the capital of France?", "Paris"), ("Who wrote the book?", "the author"),
-         ("What color is the sky?", "blue"), ("How many legs has a dog?", "four")]
+PAIRS = [
+    ("What is the capital of France?", "Paris"),
+    ("Who wrote the book?", "the author"),
+    ("What color is the sky?", "blue"),
+    ("How many legs has a dog?", "four"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +35,29 @@ def trained(tiny_llama_dir, tmp_path_factory) -> Path:
     data = tmp / "qa.jsonl"
     rows = [{"id": f"q{i}", "question": f"{q} ({i})", "answer": a} for i, (q, a) in enumerate(PAIRS * 4)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = validate_config({
-        "data": {"path": str(data), "split": {"train": 0.75, "validation": 0.0, "test": 0.25}, "split_by": "record"},
-        "model": {"name_or_path": str(tiny_llama_dir)},
-        "template": {"name": "question_answer", "max_length": 64},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "train": {"output_dir": str(tmp / "runs"), "run_name": "qa", "max_steps": 40, "micro_batch_size": 4,
-                  "learning_rate": 2e-2, "logging_steps": 4, "warmup_ratio": 0.0, "lr_scheduler": "constant"},
-        "eval": {"max_new_tokens": 6, "batch_size": 3},
-    })
+    config = validate_config(
+        {
+            "data": {
+                "path": str(data),
+                "split": {"train": 0.75, "validation": 0.0, "test": 0.25},
+                "split_by": "record",
+            },
+            "model": {"name_or_path": str(tiny_llama_dir)},
+            "template": {"name": "question_answer", "max_length": 64},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "train": {
+                "output_dir": str(tmp / "runs"),
+                "run_name": "qa",
+                "max_steps": 40,
+                "micro_batch_size": 4,
+                "learning_rate": 2e-2,
+                "logging_steps": 4,
+                "warmup_ratio": 0.0,
+                "lr_scheduler": "constant",
+            },
+            "eval": {"max_new_tokens": 6, "batch_size": 3},
+        }
+    )
     return train(config).root
 
 
@@ -76,6 +94,7 @@ def test_eval_uses_the_runs_own_held_out_split(trained, evaluated):
 
 def _squad_em_f1(prediction: str, references: list[str]) -> tuple[float, float]:
     """EM and F1 (0..100) as SQuAD v1.1's evaluate script computes them, for English answers."""
+
     def tokens(text: str) -> list[str]:
         text = "".join(c for c in text.lower() if c not in string.punctuation)
         return re.sub(r"\b(a|an|the)\b", " ", text).split()
@@ -115,17 +134,25 @@ def test_eval_on_a_data_file_and_a_merged_folder(trained, tmp_path):
     from lorakit.export.merge import merge_run
 
     data = tmp_path / "extra.json"
-    data.write_text(json.dumps([{"id": "x1", "question": PAIRS[0][0], "answer": "Paris"},
-                                {"id": "x2", "question": PAIRS[2][0], "answer": "blue"},
-                                {"id": "x3", "question": PAIRS[3][0], "answer": "four"}]))
+    data.write_text(
+        json.dumps(
+            [
+                {"id": "x1", "question": PAIRS[0][0], "answer": "Paris"},
+                {"id": "x2", "question": PAIRS[2][0], "answer": "blue"},
+                {"id": "x3", "question": PAIRS[3][0], "answer": "four"},
+            ]
+        )
+    )
     adapter = evaluate_path(trained, data=str(data), max_examples=2, out_dir=tmp_path / "a", verbose=False)
     assert adapter["n"] == 2 and adapter["base"] is None
     merged = merge_run(trained, tmp_path / "merged")
     assert merged.passed
-    via_merged = evaluate_path(tmp_path / "merged", data=str(data), max_examples=2, out_dir=tmp_path / "m",
-                               compare_base=True, verbose=False)
-    assert [row["prediction"] for row in _lines(tmp_path / "m" / "predictions.jsonl")] == \
-        [row["prediction"] for row in _lines(tmp_path / "a" / "predictions.jsonl")]
+    via_merged = evaluate_path(
+        tmp_path / "merged", data=str(data), max_examples=2, out_dir=tmp_path / "m", compare_base=True, verbose=False
+    )
+    assert [row["prediction"] for row in _lines(tmp_path / "m" / "predictions.jsonl")] == [
+        row["prediction"] for row in _lines(tmp_path / "a" / "predictions.jsonl")
+    ]
     assert via_merged["adapter"]["f1"] == pytest.approx(adapter["adapter"]["f1"])
     assert via_merged["base"] is not None  # the base it was merged from, same template
 
@@ -142,15 +169,29 @@ def test_eval_errors_name_the_fix(trained, tmp_path):
 
 SQUAD = {
     "version": "1.1",
-    "data": [{"title": "T", "paragraphs": [{
-        "context": "Paris is the capital of France. The sky is blue.",
-        "qas": [
-            {"id": "a1", "question": "What is the capital of France?", "answers": [{"text": "Paris", "answer_start": 0}]},
-            {"id": "a2", "question": "What color is the sky?", "answers": [{"text": "blue", "answer_start": 43},
-                                                                          {"text": "blue.", "answer_start": 43}]},
-            {"id": "a3", "question": "Which country?", "answers": [{"text": "France", "answer_start": 24}]},
-        ],
-    }]}],
+    "data": [
+        {
+            "title": "T",
+            "paragraphs": [
+                {
+                    "context": "Paris is the capital of France. The sky is blue.",
+                    "qas": [
+                        {
+                            "id": "a1",
+                            "question": "What is the capital of France?",
+                            "answers": [{"text": "Paris", "answer_start": 0}],
+                        },
+                        {
+                            "id": "a2",
+                            "question": "What color is the sky?",
+                            "answers": [{"text": "blue", "answer_start": 43}, {"text": "blue.", "answer_start": 43}],
+                        },
+                        {"id": "a3", "question": "Which country?", "answers": [{"text": "France", "answer_start": 24}]},
+                    ],
+                }
+            ],
+        }
+    ],
 }
 
 
@@ -174,8 +215,12 @@ def test_score_official_squad_prediction_file(squad_file, tmp_path):
 
 def test_score_jsonl_predictions(squad_file, tmp_path):
     predictions = tmp_path / "preds.jsonl"
-    predictions.write_text("".join(json.dumps({"id": i, "prediction": p}) + "\n"
-                                   for i, p in (("a3", "France"), ("a1", "paris"), ("a2", "Blue."))))
+    predictions.write_text(
+        "".join(
+            json.dumps({"id": i, "prediction": p}) + "\n"
+            for i, p in (("a3", "France"), ("a1", "paris"), ("a2", "Blue."))
+        )
+    )
     result = score_predictions(predictions, squad_file, verbose=False)
     assert result["adapter"]["exact_match"] == 100.0
     lines = _lines(tmp_path / "preds-eval" / "predictions.jsonl")

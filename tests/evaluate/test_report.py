@@ -24,16 +24,25 @@ def _records(which):
     records = []
     for id_, question, refs, base, adapter, finish in EXAMPLES:
         prediction = adapter if which == "adapter" else base
-        record = {"id": id_, "question": question, "context": "ctx " + id_, "references": refs,
-                  "prediction": prediction, "finish_reason": finish if which == "adapter" else "length"}
+        record = {
+            "id": id_,
+            "question": question,
+            "context": "ctx " + id_,
+            "references": refs,
+            "prediction": prediction,
+            "finish_reason": finish if which == "adapter" else "length",
+        }
         record.update(score_example(prediction, refs, no_answer="unanswerable"))
         records.append(record)
     return records
 
 
 def _metrics(records):
-    return corpus_metrics([r["prediction"] for r in records], [r["references"] for r in records],
-                          finish_reasons=[r["finish_reason"] for r in records])
+    return corpus_metrics(
+        [r["prediction"] for r in records],
+        [r["references"] for r in records],
+        finish_reasons=[r["finish_reason"] for r in records],
+    )
 
 
 HISTORY = [
@@ -50,8 +59,15 @@ HISTORY = [
 def outputs(tmp_path_factory):
     eval_dir = tmp_path_factory.mktemp("run") / "eval"
     adapter, base = _records("adapter"), _records("base")
-    paths = write_eval_outputs(eval_dir, records=adapter, metrics=_metrics(adapter), base_records=base,
-                               base_metrics=_metrics(base), loss_history=HISTORY, title="demo <eval>")
+    paths = write_eval_outputs(
+        eval_dir,
+        records=adapter,
+        metrics=_metrics(adapter),
+        base_records=base,
+        base_metrics=_metrics(base),
+        loss_history=HISTORY,
+        title="demo <eval>",
+    )
     return eval_dir, paths
 
 
@@ -84,7 +100,10 @@ def test_reported_numbers_are_what_the_predictions_imply(outputs):
         assert summary["delta"][key] == pytest.approx(adapter_mean - base_mean)
         base_cell, adapter_cell, delta_cell = _markdown_row(markdown, label)
         assert (base_cell, adapter_cell, delta_cell) == (
-            f"{base_mean:.2f}", f"{adapter_mean:.2f}", f"{adapter_mean - base_mean:+.2f}")
+            f"{base_mean:.2f}",
+            f"{adapter_mean:.2f}",
+            f"{adapter_mean - base_mean:+.2f}",
+        )
     never_stops = 100 * sum(line["finish_reason"] == "length" for line in lines) / len(lines)
     assert summary["adapter"]["never_stops_rate"] == pytest.approx(never_stops)
     assert _markdown_row(markdown, "Never stops (%)") == ["100.00", f"{never_stops:.2f}", f"{never_stops - 100:+.2f}"]
@@ -95,8 +114,16 @@ def test_reported_numbers_are_what_the_predictions_imply(outputs):
 def test_prediction_lines_carry_everything(outputs):
     eval_dir, _ = outputs
     first = json.loads((eval_dir / "predictions.jsonl").read_text("utf-8").splitlines()[0])
-    assert list(first)[:8] == ["id", "question", "context", "references", "prediction",
-                               "exact_match", "f1", "finish_reason"]
+    assert list(first)[:8] == [
+        "id",
+        "question",
+        "context",
+        "references",
+        "prediction",
+        "exact_match",
+        "f1",
+        "finish_reason",
+    ]
     assert first["base_prediction"] == "It is in France, I think"
     assert first["context"] == "ctx q1" and first["references"] == ["Paris", "in Paris"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", first["timestamp"])

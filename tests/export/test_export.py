@@ -183,8 +183,11 @@ def test_failed_verification_publishes_nothing(run_dir, tmp_path, monkeypatch):
     import lorakit.export.merge as export
 
     monkeypatch.setitem(export.TOLERANCES, "float32", (0.0, 0.0))
-    monkeypatch.setattr(export, "compare_logits", lambda *a: {"passed": False, "max_abs_diff": 1.0,
-                                                                "mean_abs_diff": 0.5, "top1_agreement": 0.0})
+    monkeypatch.setattr(
+        export,
+        "compare_logits",
+        lambda *a: {"passed": False, "max_abs_diff": 1.0, "mean_abs_diff": 0.5, "top1_agreement": 0.0},
+    )
     with pytest.raises(ModelError, match="verification failed"):
         merge_run(run_dir, tmp_path / "bad", verify_inputs=["Question: hi"])
     assert not (tmp_path / "bad").exists()
@@ -207,7 +210,11 @@ def test_merged_folder_can_be_served(merged):
     from lorakit.serve.app import create_app
 
     out = merged[0]
-    body = {"model": out.name, "max_tokens": 10, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    body = {
+        "model": out.name,
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    }
     with TestClient(create_app([str(out)])) as http:
         reply = http.post("/v1/chat/completions", json=body)
     assert reply.status_code == 200
@@ -226,6 +233,7 @@ def test_seq2seq_merge(tiny_t5_dir, tmp_path, dtype):
         assert report.dtype_noise_floor is None
         question = "What is the capital of France?"
         assert generate_command(str(tmp_path / "t5-merged"), question, max_new_tokens=8) == generate_command(
-            str(run), question, max_new_tokens=8)
+            str(run), question, max_new_tokens=8
+        )
     else:  # half precision is judged against what the precision alone costs, and says so
         assert report.dtype_noise_floor > 0 and "unmerged in bfloat16" in report.summary()

@@ -70,7 +70,9 @@ def test_stop_string_stops_only_its_row(llama, free_outputs):
     first, second = free_outputs[0].text, free_outputs[3].text
     # a stop string that occurs in the first row's output after its start, but not in the second's
     stop = next(
-        first[i : i + 2] for i in range(1, len(first) - 1) if first[i : i + 2].strip() and first[i : i + 2] not in second
+        first[i : i + 2]
+        for i in range(1, len(first) - 1)
+        if first[i : i + 2].strip() and first[i : i + 2] not in second
     )
     out = generate_batched(model, tokenizer, [PROMPTS[0], PROMPTS[3]], max_new_tokens=MAX_NEW, stop_strings=[stop])
     assert out[0].text == first[: first.index(stop)]
@@ -184,5 +186,7 @@ def test_reference_perplexity_counts_only_answer_tokens(llama, free_outputs):
 
 def test_reference_perplexity_seq2seq(t5):
     model, tokenizer = t5
-    value = reference_perplexity(model, tokenizer, PROMPTS[:3], ["Paris", "hi", "dog"], task_type="seq2seq", batch_size=2)
+    value = reference_perplexity(
+        model, tokenizer, PROMPTS[:3], ["Paris", "hi", "dog"], task_type="seq2seq", batch_size=2
+    )
     assert math.isfinite(value) and value > 1

@@ -32,8 +32,9 @@ def make_run(root: Path, base_dir: Path, *, template: str = "question_answer", s
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
+    )
     model = get_peft_model(base, lora)
     adapter = root / "adapter"
     model.save_pretrained(adapter)
@@ -46,8 +47,13 @@ def make_run(root: Path, base_dir: Path, *, template: str = "question_answer", s
         precision="float32",
         max_length=128,
     )
-    config = validate_config({"data": {"path": str(root / "data.jsonl")}, "model": {"name_or_path": str(base_dir)},
-                              "template": {"name": template, "max_length": 128}})
+    config = validate_config(
+        {
+            "data": {"path": str(root / "data.jsonl")},
+            "model": {"name_or_path": str(base_dir)},
+            "template": {"name": template, "max_length": 128},
+        }
+    )
     (root / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
     return root
 
@@ -98,8 +104,9 @@ def test_stored_template_is_the_one_used(run_dir, predictor, tmp_path):
     theirs = other.generate([ask()], max_new_tokens=MAX_NEW)[0]
     # each output is exactly what the model gives for its own stored template's prompt
     for p, gen in ((predictor, mine), (other, theirs)):
-        direct = generate_batched(p.model, p.tokenizer, [p.prompt_for(ask())], max_new_tokens=MAX_NEW,
-                                  stop_strings=p.template.stop_strings)[0]
+        direct = generate_batched(
+            p.model, p.tokenizer, [p.prompt_for(ask())], max_new_tokens=MAX_NEW, stop_strings=p.template.stop_strings
+        )[0]
         assert gen.text == direct.text
     assert mine.prompt_tokens != theirs.prompt_tokens
     assert mine.text != theirs.text
@@ -113,8 +120,9 @@ def test_base_model_switches_the_adapter_off(predictor, base_model):
     with_adapter = predictor.generate([ask()], max_new_tokens=MAX_NEW)[0].text
     with predictor.base_model():
         without = predictor.generate([ask()], max_new_tokens=MAX_NEW)[0].text
-    plain = generate_batched(base_model, predictor.tokenizer, [prompt], max_new_tokens=MAX_NEW,
-                             stop_strings=predictor.template.stop_strings)[0].text
+    plain = generate_batched(
+        base_model, predictor.tokenizer, [prompt], max_new_tokens=MAX_NEW, stop_strings=predictor.template.stop_strings
+    )[0].text
     assert without == plain
     assert with_adapter != without
     # and it is back on afterwards
@@ -145,8 +153,9 @@ def test_adapter_name_selects_one_of_several_adapters(run_dir, tiny_llama_dir, t
     host = load_predictor(run_dir, device="cpu")
     host.adapter_name = host.model.active_adapter
     host.model.load_adapter(str(second / "adapter"), adapter_name="second")
-    guest = Predictor(host.model, host.tokenizer, host.template, task_type="causal", name="second",
-                      adapter_name="second")
+    guest = Predictor(
+        host.model, host.tokenizer, host.template, task_type="causal", name="second", adapter_name="second"
+    )
     alone = load_predictor(second, device="cpu").generate([ask()], max_new_tokens=MAX_NEW)[0].text
     first = load_predictor(run_dir, device="cpu").generate([ask()], max_new_tokens=MAX_NEW)[0].text
     assert alone != first

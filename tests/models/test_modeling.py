@@ -27,14 +27,16 @@ def test_choose_precision_per_device():
     with pytest.raises(ModelError, match="float16 training needs a CUDA GPU"):
         precision.choose_precision("float16", "cpu")
     # a T4-like GPU without bf16: float16 mixed precision over float32 master weights
-    with mock.patch.object(torch.cuda, "is_available", return_value=True), mock.patch.object(
-        torch.cuda, "is_bf16_supported", return_value=False
+    with (
+        mock.patch.object(torch.cuda, "is_available", return_value=True),
+        mock.patch.object(torch.cuda, "is_bf16_supported", return_value=False),
     ):
         assert precision.choose_precision("auto", "cuda") == (torch.float32, "float16")
         with pytest.raises(ModelError, match="does not support"):
             precision.choose_precision("bfloat16", "cuda")
-    with mock.patch.object(torch.cuda, "is_available", return_value=True), mock.patch.object(
-        torch.cuda, "is_bf16_supported", return_value=True
+    with (
+        mock.patch.object(torch.cuda, "is_available", return_value=True),
+        mock.patch.object(torch.cuda, "is_bf16_supported", return_value=True),
     ):
         assert precision.choose_precision("auto", "cuda:0") == (torch.bfloat16, "bfloat16")
 

@@ -28,18 +28,26 @@ def _cache(tmp_path, monkeypatch):
 
 def llama(h=64, layers=2, heads=4, kv=2, inter=128, vocab=600, tied=False) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied, max_position_embeddings=1024,
+        vocab_size=vocab,
+        hidden_size=h,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        tie_word_embeddings=tied,
+        max_position_embeddings=1024,
     )
 
 
 def config_for(model_path: str, **train) -> object:
-    return validate_config({
-        "data": {"path": "unused.json"},
-        "model": {"name_or_path": str(model_path)},
-        "lora": {"r": 8, "target_modules": "all-linear"},
-        "train": {"micro_batch_size": 8, "gradient_accumulation": 2, **train},
-    })
+    return validate_config(
+        {
+            "data": {"path": "unused.json"},
+            "model": {"name_or_path": str(model_path)},
+            "lora": {"r": 8, "target_modules": "all-linear"},
+            "train": {"micro_batch_size": 8, "gradient_accumulation": 2, **train},
+        }
+    )
 
 
 # --- shape --------------------------------------------------------------------------------------
@@ -71,15 +79,28 @@ def test_shape_from_gguf_header(tmp_path):
     writer.add_vocab_size(100)
     writer.add_tensor("token_embd.weight", np.zeros((100, 32), dtype=np.float32))
     for i in range(2):
-        for name, (out_f, in_f) in {"attn_q": (32, 32), "attn_k": (16, 32), "attn_v": (16, 32), "attn_output": (32, 32),
-                                    "ffn_gate": (48, 32), "ffn_up": (48, 32), "ffn_down": (32, 48)}.items():
+        for name, (out_f, in_f) in {
+            "attn_q": (32, 32),
+            "attn_k": (16, 32),
+            "attn_v": (16, 32),
+            "attn_output": (32, 32),
+            "ffn_gate": (48, 32),
+            "ffn_up": (48, 32),
+            "ffn_down": (32, 48),
+        }.items():
             writer.add_tensor(f"blk.{i}.{name}.weight", np.zeros((out_f, in_f), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     shape = read_model_shape(str(path))
-    assert (shape.hidden_size, shape.num_layers, shape.num_kv_heads, shape.intermediate_size, shape.vocab_size) == (32, 2, 2, 48, 100)
+    assert (shape.hidden_size, shape.num_layers, shape.num_kv_heads, shape.intermediate_size, shape.vocab_size) == (
+        32,
+        2,
+        2,
+        48,
+        100,
+    )
     assert shape.tied_embeddings  # no output.weight tensor
     assert shape.linear_layers["k_proj"] == (32, 16, 2) and shape.linear_layers["down_proj"] == (48, 32, 2)
     assert shape.n_params == 100 * 32 + 2 * (32 * 32 * 2 + 16 * 32 * 2 + 48 * 32 * 3)
@@ -105,8 +126,14 @@ CASES = [  # (model, step): micro-batch, sequence length, rank, checkpointing, a
     (dict(), dict(micro_batch=4, seq_len=48, lora_r=8, target_modules="auto")),
     (dict(), dict(micro_batch=2, seq_len=96, lora_r=32, target_modules="all-linear", gradient_checkpointing=True)),
     (dict(), dict(micro_batch=1, seq_len=128, lora_r=16, target_modules="all-linear", attn="eager")),
-    (dict(h=96, inter=192, heads=6, kv=3), dict(micro_batch=2, seq_len=64, lora_r=4, target_modules="all-linear", lora_dropout=0.0)),
-    (dict(vocab=4000, tied=True), dict(micro_batch=2, seq_len=32, lora_r=8, target_modules="auto", gradient_checkpointing=True)),
+    (
+        dict(h=96, inter=192, heads=6, kv=3),
+        dict(micro_batch=2, seq_len=64, lora_r=4, target_modules="all-linear", lora_dropout=0.0),
+    ),
+    (
+        dict(vocab=4000, tied=True),
+        dict(micro_batch=2, seq_len=32, lora_r=8, target_modules="auto", gradient_checkpointing=True),
+    ),
 ]
 
 
@@ -122,15 +149,25 @@ def test_memory_parts_respond_to_their_knobs():
     shape = read_model_shape(llama(h=256, layers=4, inter=512, vocab=32000))
     base = dict(micro_batch=4, seq_len=512, lora_r=16, target_modules="all-linear")
     plain = estimate_step_memory(shape, **base)
-    assert estimate_step_memory(shape, **{**base, "micro_batch": 8}).parts["activations"] == 2 * plain.parts["activations"]
-    assert estimate_step_memory(shape, **base, gradient_checkpointing=True).parts["activations"] < plain.parts["activations"] / 5
+    assert (
+        estimate_step_memory(shape, **{**base, "micro_batch": 8}).parts["activations"] == 2 * plain.parts["activations"]
+    )
+    assert (
+        estimate_step_memory(shape, **base, gradient_checkpointing=True).parts["activations"]
+        < plain.parts["activations"] / 5
+    )
     # 4-bit stores linear weights in ~0.52 bytes, but keeps embeddings and head in fp32
     narrow = read_model_shape(llama(h=256, layers=4, inter=512, vocab=600))
     four_bit = estimate_step_memory(narrow, **base, quantization="4bit", act_bytes=2, device="cuda")
     half = estimate_step_memory(narrow, **base, weight_bytes_per_param=2, act_bytes=2, device="cuda")
-    assert four_bit.parts["weights"] == pytest.approx(narrow.linear_params * 0.5159 + (narrow.n_params - narrow.linear_params) * 4, rel=1e-3)
+    assert four_bit.parts["weights"] == pytest.approx(
+        narrow.linear_params * 0.5159 + (narrow.n_params - narrow.linear_params) * 4, rel=1e-3
+    )
     assert four_bit.parts["weights"] < half.parts["weights"] / 2
-    assert estimate_step_memory(shape, **base, optimizer="paged_adamw_8bit").parts["optimizer states"] == plain.parts["optimizer states"] // 4
+    assert (
+        estimate_step_memory(shape, **base, optimizer="paged_adamw_8bit").parts["optimizer states"]
+        == plain.parts["optimizer states"] // 4
+    )
     # logits: tokens x vocab x 12 bytes in float32 (logits, log-softmax, its gradient)
     assert plain.parts["logits + loss"] == 4 * 512 * 32000 * 12
 
@@ -155,8 +192,15 @@ def test_fit_picks_the_largest_micro_batch_and_keeps_the_effective_batch(tiny_ll
     config = config_for(tiny_llama_dir)
     shape, lengths = read_model_shape(config.model), _lengths()
     cpu = gpu_spec("cpu")
-    need = {m: estimate_memory(config.model_copy(update={"train": config.train.model_copy(update={"micro_batch_size": m})}), shape, cpu, 200).total
-            for m in (4, 8)}
+    need = {
+        m: estimate_memory(
+            config.model_copy(update={"train": config.train.model_copy(update={"micro_batch_size": m})}),
+            shape,
+            cpu,
+            200,
+        ).total
+        for m in (4, 8)
+    }
     budget_gb = (need[4] + need[8]) / 2 / 2**30  # micro-batch 4 fits, 8 does not
     fitted, choices = fit_config(config, "cpu", budget_gb, shape=shape, lengths=lengths)
     assert (fitted.train.micro_batch_size, fitted.train.gradient_accumulation) == (4, 4)
@@ -178,8 +222,14 @@ def test_fit_escalates_to_checkpointing_then_4bit_then_safe_max_length(tiny_llam
     assert fitted.train.gradient_checkpointing and fitted.model.quantization == "4bit"
     assert 40 <= fitted.template.max_length < 200
     assert fitted.train.micro_batch_size * fitted.train.gradient_accumulation == 16
-    assert [c.split("=")[0] for c in choices][-3:] == ["train.gradient_checkpointing", "model.quantization", "template.max_length"]
-    assert estimate_memory(fitted, shape, gpu_spec("t4", budget_gb), fitted.template.max_length).total <= budget_gb * 2**30
+    assert [c.split("=")[0] for c in choices][-3:] == [
+        "train.gradient_checkpointing",
+        "model.quantization",
+        "template.max_length",
+    ]
+    assert (
+        estimate_memory(fitted, shape, gpu_spec("t4", budget_gb), fitted.template.max_length).total <= budget_gb * 2**30
+    )
     # never below the longest question + answer: with less memory than that needs, say nothing fits
     _, hopeless = fit_config(config, "t4", at_safe * 0.9 / 2**30, shape=shape, lengths=lengths)
     assert hopeless[-1].startswith("nothing fits")
@@ -232,7 +282,10 @@ def test_oom_backoff_gives_up_at_micro_batch_one_and_passes_other_errors(tiny_ll
 def test_plan_command_uses_the_real_token_lengths(tiny_llama_dir, tmp_path):
     from lorakit.pipeline import prepare
 
-    records = [{"question": f"What is {i} plus {i}?", "answer": str(2 * i), "context": "numbers go here " * (i % 5)} for i in range(30)]
+    records = [
+        {"question": f"What is {i} plus {i}?", "answer": str(2 * i), "context": "numbers go here " * (i % 5)}
+        for i in range(30)
+    ]
     (tmp_path / "qa.json").write_text(json.dumps(records), encoding="utf-8")
     (tmp_path / "c.yaml").write_text(
         f"data:\n  path: {tmp_path / 'qa.json'}\nmodel:\n  name_or_path: {tiny_llama_dir}\ntrain:\n  micro_batch_size: 4\n",
@@ -240,8 +293,17 @@ def test_plan_command_uses_the_real_token_lengths(tiny_llama_dir, tmp_path):
     )
     from rich.console import Console
 
-    text = plan_command(tmp_path / "c.yaml", ["train.epochs=2"], "cpu", None, False, console=Console(record=True, width=200, file=io.StringIO()))
-    config = validate_config({"data": {"path": str(tmp_path / "qa.json")}, "model": {"name_or_path": str(tiny_llama_dir)}})
+    text = plan_command(
+        tmp_path / "c.yaml",
+        ["train.epochs=2"],
+        "cpu",
+        None,
+        False,
+        console=Console(record=True, width=200, file=io.StringIO()),
+    )
+    config = validate_config(
+        {"data": {"path": str(tmp_path / "qa.json")}, "model": {"name_or_path": str(tiny_llama_dir)}}
+    )
     stats = prepare(config).train_stats  # encoded as training encodes them
     assert f"longest batch {max(stats.lengths)} tokens" in text
     assert "Predicted peak memory" in text and "fits in" in text and "2 epochs" in text

@@ -108,8 +108,8 @@ def test_long_context_is_shortened_and_answer_survives(tok):
     assert isinstance(enc, Encoded) and enc.context_truncated
     assert len(enc.input_ids) <= 80
     answer_ids = tok("the author wrote it", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert enc.input_ids[-len(answer_ids):] == answer_ids
-    assert enc.labels[-len(answer_ids):] == answer_ids
+    assert enc.input_ids[-len(answer_ids) :] == answer_ids
+    assert enc.labels[-len(answer_ids) :] == answer_ids
     text = tok.decode(enc.input_ids)
     assert "The quick brown fox" in text and "What is the capital of France?" in text  # start of context kept
 
@@ -182,7 +182,7 @@ def test_seq2seq_encoding_and_collation(t5_tok):
     assert enc.labels == t5_tok("the author", add_special_tokens=False)["input_ids"] + [t5_tok.eos_token_id]
     other = encode_example(qa("q?", "a"), tpl, t5_tok, max_length=128)
     batch = PaddingCollator(t5_tok.pad_token_id, seq2seq=True)([enc.to_feature(), other.to_feature()])
-    assert batch["labels"].shape == (2, len(enc.labels)) and batch["labels"][1, len(other.labels):].eq(IGNORE).all()
+    assert batch["labels"].shape == (2, len(enc.labels)) and batch["labels"][1, len(other.labels) :].eq(IGNORE).all()
     assert batch["input_ids"].shape[1] == max(len(enc.input_ids), len(other.input_ids))
 
 
@@ -190,7 +190,7 @@ def test_persian_round_trip(tok):
     tpl = template(tok, "chat")
     example = qa("پایتخت ایران کجاست؟", "تهران است.", context="پایتخت ایران تهران است.")
     enc = encode_example(example, tpl, tok, max_length=256)
-    (start, end), = trained_spans(enc.labels)
+    ((start, end),) = trained_spans(enc.labels)
     assert tok.decode(enc.input_ids[start:end]) == "تهران است.<|im_end|>"
     assert "پایتخت ایران تهران است." in tok.decode(enc.input_ids)
 

@@ -25,8 +25,12 @@ pytestmark = pytest.mark.integration  # a trained run behind a live server
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-PAIRS = [("What is the capital of France?", "Paris"), ("Who wrote the book?", "the author"),
-         ("What color is the sky?", "blue"), ("How many legs has a dog?", "four")]
+PAIRS = [
+    ("What is the capital of France?", "Paris"),
+    ("Who wrote the book?", "the author"),
+    ("What color is the sky?", "blue"),
+    ("How many legs has a dog?", "four"),
+]
 QUESTION = PAIRS[0][0]
 MAX_TOKENS = 12
 
@@ -42,15 +46,24 @@ def runs(tiny_llama_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     data = tmp / "qa.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in PAIRS))
-    config = validate_config({
-        "data": {"path": str(data), "split": {"train": 1.0, "validation": 0.0, "test": 0.0}},
-        "model": {"name_or_path": str(tiny_llama_dir)},
-        "template": {"name": "question_answer", "max_length": 64},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "train": {"output_dir": str(tmp / "runs"), "run_name": "qa", "max_steps": 40, "micro_batch_size": 4,
-                  "learning_rate": 2e-2, "logging_steps": 10, "warmup_ratio": 0.0,
-                  "lr_scheduler": "constant"},
-    })
+    config = validate_config(
+        {
+            "data": {"path": str(data), "split": {"train": 1.0, "validation": 0.0, "test": 0.0}},
+            "model": {"name_or_path": str(tiny_llama_dir)},
+            "template": {"name": "question_answer", "max_length": 64},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "train": {
+                "output_dir": str(tmp / "runs"),
+                "run_name": "qa",
+                "max_steps": 40,
+                "micro_batch_size": 4,
+                "learning_rate": 2e-2,
+                "logging_steps": 10,
+                "warmup_ratio": 0.0,
+                "lr_scheduler": "constant",
+            },
+        }
+    )
     qa = train(config).root
     other = tmp / "runs" / "other"
     shutil.copytree(qa, other)
@@ -97,8 +110,12 @@ def client(server):
 
 
 def ask(model: str, question: str = QUESTION) -> dict:
-    return {"model": model, "max_tokens": MAX_TOKENS, "temperature": 0,
-            "messages": [{"role": "user", "content": question}]}
+    return {
+        "model": model,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": question}],
+    }
 
 
 # --- the OpenAI client against a live server ----------------------------------------------------
@@ -204,28 +221,33 @@ def _error(response, status: int, param=None, code=None) -> str:
     return error["message"]
 
 
-@pytest.mark.parametrize("body, param, code", [
-    ({"model": "qa", "messages": []}, "messages", None),
-    ({"model": "qa", "messages": "hello"}, "messages", None),
-    ({"model": "qa"}, "messages", None),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "model", None),
-    ({"model": "qa", "messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", None),
-    ({"model": "qa", "messages": [{"role": "user", "content": 5}]}, None, None),
-    ({**ask("qa"), "max_tokens": "many"}, "max_tokens", None),
-    ({**ask("qa"), "max_tokens": 0}, "max_tokens", None),
-    ({**ask("qa"), "temperature": -1}, "temperature", None),
-    ({**ask("qa"), "stream": "yes"}, "stream", None),
-    ({**ask("qa"), "n": 2}, "n", "unsupported_parameter"),
-    ({**ask("qa"), "max_tokens": 65}, "max_tokens", "max_tokens_exceeded"),
-    ({"model": "qa", "messages": [{"role": "assistant", "content": "hi"}]}, "messages", None),
-])
+@pytest.mark.parametrize(
+    "body, param, code",
+    [
+        ({"model": "qa", "messages": []}, "messages", None),
+        ({"model": "qa", "messages": "hello"}, "messages", None),
+        ({"model": "qa"}, "messages", None),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model", None),
+        ({"model": "qa", "messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", None),
+        ({"model": "qa", "messages": [{"role": "user", "content": 5}]}, None, None),
+        ({**ask("qa"), "max_tokens": "many"}, "max_tokens", None),
+        ({**ask("qa"), "max_tokens": 0}, "max_tokens", None),
+        ({**ask("qa"), "temperature": -1}, "temperature", None),
+        ({**ask("qa"), "stream": "yes"}, "stream", None),
+        ({**ask("qa"), "n": 2}, "n", "unsupported_parameter"),
+        ({**ask("qa"), "max_tokens": 65}, "max_tokens", "max_tokens_exceeded"),
+        ({"model": "qa", "messages": [{"role": "assistant", "content": "hi"}]}, "messages", None),
+    ],
+)
 def test_bad_chat_requests(server, body, param, code):
     _error(httpx.post(f"{server}/v1/chat/completions", json=body), 400, param, code)
 
 
 def test_malformed_and_misplaced_requests(server):
     url = f"{server}/v1/chat/completions"
-    assert "not valid JSON" in _error(httpx.post(url, content=b"{bad json", headers={"content-type": "application/json"}), 400)
+    assert "not valid JSON" in _error(
+        httpx.post(url, content=b"{bad json", headers={"content-type": "application/json"}), 400
+    )
     assert "JSON object" in _error(httpx.post(url, json=[1, 2]), 400)
     assert "empty" in _error(httpx.post(url, content=b""), 400)
     assert "does not exist" in _error(httpx.post(url, json=ask("nope")), 404, "model", "model_not_found")
@@ -239,8 +261,9 @@ def test_malformed_and_misplaced_requests(server):
 def test_context_length_is_checked(server, app):
     context = app.state.lorakit.models["qa"].predictor.max_context
     long_question = "fox " * (context + 10)
-    message = _error(httpx.post(f"{server}/v1/chat/completions", json=ask("qa", long_question)), 400,
-                     code="context_length_exceeded")
+    message = _error(
+        httpx.post(f"{server}/v1/chat/completions", json=ask("qa", long_question)), 400, code="context_length_exceeded"
+    )
     assert str(context) in message
     still_fine = httpx.post(f"{server}/v1/chat/completions", json=ask("qa"))
     assert still_fine.status_code == 200

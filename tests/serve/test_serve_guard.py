@@ -92,8 +92,10 @@ class _ModelGate:
         return output
 
     def __enter__(self):
-        self.handles = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
-                        self.model.register_forward_hook(self._after, with_kwargs=True)]
+        self.handles = [
+            self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.model.register_forward_hook(self._after, with_kwargs=True),
+        ]
         return self
 
     def __exit__(self, *exc):
@@ -103,8 +105,13 @@ class _ModelGate:
 
 
 def _chat(model: str, max_tokens: int, **extra) -> dict:
-    return {"model": model, "max_tokens": max_tokens, "temperature": 0,
-            "messages": [{"role": "user", "content": "What is the capital of France?"}], **extra}
+    return {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        **extra,
+    }
 
 
 # --- 1. one big or slow request must not stall the others -----------------------------------------
@@ -124,8 +131,11 @@ def test_health_answers_while_a_prompt_is_being_tokenized(server, monkeypatch):
 
     monkeypatch.setattr(Predictor, "prompt_ids", gated)
     replies = []
-    asker = threading.Thread(target=lambda: replies.append(
-        httpx.post(f"{server}/v1/chat/completions", json=_chat("qa", 4), timeout=DEADLINE * 2)))
+    asker = threading.Thread(
+        target=lambda: replies.append(
+            httpx.post(f"{server}/v1/chat/completions", json=_chat("qa", 4), timeout=DEADLINE * 2)
+        )
+    )
     asker.start()
     try:
         assert entered.wait(DEADLINE), "the chat request never reached tokenization"
@@ -248,8 +258,9 @@ def test_streamed_usage_counts_the_tokens_generated(server, app):  # noqa: F811
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="not-needed", max_retries=0)
     with _ModelGate(app.state.lorakit.models["other"].predictor, no_eos=True):
         plain = client.chat.completions.create(**_chat("other", 8))
-        chunks = list(client.chat.completions.create(**_chat("other", 8), stream=True,
-                                                     stream_options={"include_usage": True}))
+        chunks = list(
+            client.chat.completions.create(**_chat("other", 8), stream=True, stream_options={"include_usage": True})
+        )
     assert plain.usage.completion_tokens == 8 and plain.choices[0].finish_reason == "length"
     assert chunks[-1].usage.completion_tokens == 8
     assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens

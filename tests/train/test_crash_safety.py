@@ -37,10 +37,18 @@ QA = [
     ("What is the capital of Iran?", "Tehran"),
 ]
 # dropout and two batches per epoch: the result depends on the random state and data order
-TRAIN = {"max_steps": 6, "micro_batch_size": 2, "learning_rate": 1e-2, "lr_scheduler": "constant",
-         "warmup_ratio": 0.0, "logging_steps": 5, "save_every": 2, "run_name": "r"}
+TRAIN = {
+    "max_steps": 6,
+    "micro_batch_size": 2,
+    "learning_rate": 1e-2,
+    "lr_scheduler": "constant",
+    "warmup_ratio": 0.0,
+    "logging_steps": 5,
+    "save_every": 2,
+    "run_name": "r",
+}
 
-CHILD = r'''
+CHILD = r"""
 import json, os, signal, sys
 from pathlib import Path
 import torch
@@ -83,7 +91,7 @@ lt.train = lambda config, **kw: original(config, **{**kw, "callbacks": [*(kw.get
 from lorakit.cli import main
 
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +138,19 @@ def run_child(tmp_path, data, model_dir, plan, send=(), extra_args=()):
     script = tmp_path / "child.py"
     script.write_text(CHILD, encoding="utf-8")
     marker = tmp_path / "paused"
-    env = dict(os.environ, CRASH_PLAN=json.dumps({**plan, "marker": str(marker)}), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
-    child = subprocess.Popen([sys.executable, str(script), "train", str(config), *extra_args], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(
+        os.environ,
+        CRASH_PLAN=json.dumps({**plan, "marker": str(marker)}),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
+    )
+    child = subprocess.Popen(
+        [sys.executable, str(script), "train", str(config), *extra_args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if send:
         deadline = time.monotonic() + 300
         while not marker.exists():  # the child writes it, then blocks until our signal arrives
@@ -154,7 +171,9 @@ class StepLog(TrainerCallback):
         self.steps.append(state.global_step)
 
 
-def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(tmp_path, data_file, tiny_llama_dir, straight):
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(
+    tmp_path, data_file, tiny_llama_dir, straight
+):
     code, _, err, paths = run_child(tmp_path, data_file, tiny_llama_dir, {"kill_in_save_at": 4})
     assert code == -signal.SIGKILL, err[-2000:]
     torn = paths.checkpoints / "checkpoint-4"
@@ -171,8 +190,14 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(tm
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, data_file, tiny_llama_dir, straight):
-    code, _, err, paths = run_child(tmp_path, data_file, tiny_llama_dir, {"pause_at": 3}, send=[signal.SIGTERM],
-                                    extra_args=["--set", "train.save_every=1000"])
+    code, _, err, paths = run_child(
+        tmp_path,
+        data_file,
+        tiny_llama_dir,
+        {"pause_at": 3},
+        send=[signal.SIGTERM],
+        extra_args=["--set", "train.save_every=1000"],
+    )
     assert code == 143, err[-2000:]
     assert "Traceback" not in err
     assert "error: training interrupted (SIGTERM) at step 4" in err and "--resume" in err
@@ -185,8 +210,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, data_file, tiny_llam
 @pytest.mark.parametrize("second", ["step", "save"])
 def test_a_second_ctrl_c_never_replaces_the_checkpoint(tmp_path, data_file, tiny_llama_dir, straight, second):
     # the second Ctrl-C lands in the middle of the next step, or while its checkpoint is written
-    code, _, err, paths = run_child(tmp_path, data_file, tiny_llama_dir, {"pause_at": 3, "second": second},
-                                    send=[signal.SIGINT], extra_args=["--set", "train.save_every=1000"])
+    code, _, err, paths = run_child(
+        tmp_path,
+        data_file,
+        tiny_llama_dir,
+        {"pause_at": 3, "second": second},
+        send=[signal.SIGINT],
+        extra_args=["--set", "train.save_every=1000"],
+    )
     assert code == 130, err[-2000:]
     assert "SIGINT ignored" in err and "Traceback" not in err
     assert paths.latest_checkpoint().name == "checkpoint-4"
@@ -228,7 +259,9 @@ def test_resume_refuses_a_changed_config_or_a_finished_run(tmp_path, data_file, 
     paths = RunPaths(tmp_path / "runs" / "r")
     before = paths.config.read_bytes()
     changed = make_config(tmp_path, data_file, tiny_llama_dir, learning_rate=5e-2, max_steps=8)
-    with pytest.raises(RunError, match=r"train.learning_rate: 0.01 -> 0.05, train.max_steps: 6 -> 8.*--allow-config-change"):
+    with pytest.raises(
+        RunError, match=r"train.learning_rate: 0.01 -> 0.05, train.max_steps: 6 -> 8.*--allow-config-change"
+    ):
         train(changed, resume=True)
     assert paths.config.read_bytes() == before and paths.latest_checkpoint().name == "checkpoint-4"
 
@@ -269,7 +302,9 @@ class Poison(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step + 1 == self.step:
-            weight = next(p for n, p in model.named_parameters() if "down_proj.base_layer" in n or n.endswith("down_proj.weight"))
+            weight = next(
+                p for n, p in model.named_parameters() if "down_proj.base_layer" in n or n.endswith("down_proj.weight")
+            )
             weight.data[0, 0] = float("nan")
 
 
@@ -284,8 +319,13 @@ class InfiniteGradient(TrainerCallback):
             next(p for n, p in model.named_parameters() if "lora_A" in n).grad.fill_(float("inf"))
 
 
-@pytest.mark.parametrize("fault,what", [(Poison, "the loss is not a finite number"), (InfiniteGradient, "the optimizer step made the LoRA weights NaN")])
-def test_a_non_finite_step_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, data_file, tiny_llama_dir, fault, what):
+@pytest.mark.parametrize(
+    "fault,what",
+    [(Poison, "the loss is not a finite number"), (InfiniteGradient, "the optimizer step made the LoRA weights NaN")],
+)
+def test_a_non_finite_step_stops_training_and_keeps_the_last_good_checkpoint(
+    tmp_path, data_file, tiny_llama_dir, fault, what
+):
     # logging_steps=5 > the failing step: the check runs every step, not only when logging
     config = make_config(tmp_path, data_file, tiny_llama_dir)
     with pytest.raises(RunError, match=f"step 4: {what}.*last good checkpoint is .*checkpoint-2") as info:
@@ -298,7 +338,11 @@ def test_a_non_finite_step_stops_training_and_keeps_the_last_good_checkpoint(tmp
 
 
 def digest(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_a_failing_overwrite_keeps_the_old_run_byte_identical(tmp_path, data_file, tiny_llama_dir):

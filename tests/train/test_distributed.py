@@ -82,4 +82,9 @@ def test_shipped_accelerate_configs_are_valid():
     for path in configs:
         cluster = ClusterConfig.from_yaml_file(str(path))
         assert cluster.num_processes == 2
-        assert str(cluster.distributed_type) in ("DistributedType.FSDP", "DistributedType.DEEPSPEED", "FSDP", "DEEPSPEED")
+        assert str(cluster.distributed_type) in (
+            "DistributedType.FSDP",
+            "DistributedType.DEEPSPEED",
+            "FSDP",
+            "DEEPSPEED",
+        )

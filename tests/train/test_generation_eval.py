@@ -16,26 +16,38 @@ COLOURS = ["sky", "sea", "ink", "jeans", "sapphire", "cobalt", "lake", "ocean", 
 
 
 def write(path, names):
-    path.write_text("\n".join(json.dumps({"question": f"What colour is the {n}?", "answer": "blue"}) for n in names), encoding="utf-8")
+    path.write_text(
+        "\n".join(json.dumps({"question": f"What colour is the {n}?", "answer": "blue"}) for n in names),
+        encoding="utf-8",
+    )
     return path
 
 
 def config_for(tmp_path, model_dir, **train):
-    return validate_config({
-        "data": {
-            "path": str(write(tmp_path / "train.jsonl", COLOURS[:8])),
-            "validation_path": str(write(tmp_path / "valid.jsonl", COLOURS[8:])),
-            "split": {"train": 1.0, "validation": 0.0, "test": 0.0},
-        },
-        "model": {"name_or_path": str(model_dir)},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "eval": {"max_new_tokens": 6},
-        "train": {
-            "output_dir": str(tmp_path / "runs"), "run_name": "gen", "micro_batch_size": 8,
-            "learning_rate": 1e-2, "lr_scheduler": "constant", "warmup_ratio": 0.0, "logging_steps": 5,
-            "generation_eval_every": 5, "generation_eval_examples": 4, **train,
-        },
-    })
+    return validate_config(
+        {
+            "data": {
+                "path": str(write(tmp_path / "train.jsonl", COLOURS[:8])),
+                "validation_path": str(write(tmp_path / "valid.jsonl", COLOURS[8:])),
+                "split": {"train": 1.0, "validation": 0.0, "test": 0.0},
+            },
+            "model": {"name_or_path": str(model_dir)},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "eval": {"max_new_tokens": 6},
+            "train": {
+                "output_dir": str(tmp_path / "runs"),
+                "run_name": "gen",
+                "micro_batch_size": 8,
+                "learning_rate": 1e-2,
+                "lr_scheduler": "constant",
+                "warmup_ratio": 0.0,
+                "logging_steps": 5,
+                "generation_eval_every": 5,
+                "generation_eval_examples": 4,
+                **train,
+            },
+        }
+    )
 
 
 def test_generation_metrics_are_logged_with_the_losses(tmp_path, tiny_llama_dir):

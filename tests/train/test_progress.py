@@ -19,7 +19,9 @@ class Clock:
         return self.now
 
 
-def run(callback: RichProgressCallback, clock: Clock, max_steps: int, seconds_per_step: float, tokens_per_step: int = 64):
+def run(
+    callback: RichProgressCallback, clock: Clock, max_steps: int, seconds_per_step: float, tokens_per_step: int = 64
+):
     """Drive the callback as the Trainer does: begin, then per step step_end + a loss log, then end."""
     state = SimpleNamespace(global_step=0, max_steps=max_steps, num_input_tokens_seen=0)
     callback.on_train_begin(None, state, None)

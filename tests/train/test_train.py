@@ -44,16 +44,24 @@ def qa_file(tmp_path_factory):
 
 def make_config(tmp_path, data, model_dir, **train):
     lora = train.pop("lora", {"r": 8, "alpha": 16, "dropout": 0.0})
-    return validate_config({
-        "data": {"path": str(data), "split": {"train": 1.0, "validation": 0.0, "test": 0.0}},
-        "model": {"name_or_path": str(model_dir)},
-        "lora": lora,
-        "train": {
-            "output_dir": str(tmp_path / "runs"), "run_name": "r", "micro_batch_size": 4,
-            "learning_rate": 1e-2, "lr_scheduler": "constant", "warmup_ratio": 0.0,
-            "logging_steps": 5, "save_every": 1000, **train,
-        },
-    })
+    return validate_config(
+        {
+            "data": {"path": str(data), "split": {"train": 1.0, "validation": 0.0, "test": 0.0}},
+            "model": {"name_or_path": str(model_dir)},
+            "lora": lora,
+            "train": {
+                "output_dir": str(tmp_path / "runs"),
+                "run_name": "r",
+                "micro_batch_size": 4,
+                "learning_rate": 1e-2,
+                "lr_scheduler": "constant",
+                "warmup_ratio": 0.0,
+                "logging_steps": 5,
+                "save_every": 1000,
+                **train,
+            },
+        }
+    )
 
 
 def adapter_tensors(paths):
@@ -87,7 +95,13 @@ def test_trained_model_reproduces_answers_and_stops(tmp_path, llama_dir, qa_file
     paths = train(make_config(tmp_path, qa_file, llama_dir, max_steps=40, learning_rate=2e-2), on_log=logged.append)
 
     # the run folder holds exactly the documented files
-    assert sorted(p.name for p in paths.root.iterdir()) == ["adapter", "checkpoints", "config.yaml", "metrics.jsonl", "plots"]
+    assert sorted(p.name for p in paths.root.iterdir()) == [
+        "adapter",
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "plots",
+    ]
     adapter_files = {p.name for p in paths.adapter.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "lorakit.json", "tokenizer.json"} <= adapter_files
     assert "README.md" not in adapter_files
@@ -106,7 +120,7 @@ def test_trained_model_reproduces_answers_and_stops(tmp_path, llama_dir, qa_file
     for question, answer in QA:
         prompt = render_prompt(info.template, [{"role": "user", "content": question}])
         ids = tokenizer(prompt, return_tensors="pt").input_ids
-        out = model.generate(input_ids=ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+        out = model.generate(input_ids=ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :].tolist()
         assert tokenizer.eos_token_id in out, f"never stopped: {tokenizer.decode(out)!r}"
         reply = out[: out.index(tokenizer.eos_token_id)]
         assert tokenizer.decode(reply, skip_special_tokens=True).strip() == answer
@@ -204,10 +218,20 @@ def test_early_stopping_stops_when_validation_stops_improving(tmp_path, llama_di
     # the training answers, the worse it does there, so eval_loss soon stops improving
     other = ["Berlin", "nobody at all", "go away now", "Madrid"]
     validation = tmp_path / "validation.jsonl"
-    validation.write_text("\n".join(json.dumps({"question": q, "answer": a}) for (q, _), a in zip(QA, other)), encoding="utf-8")
+    validation.write_text(
+        "\n".join(json.dumps({"question": q, "answer": a}) for (q, _), a in zip(QA, other)), encoding="utf-8"
+    )
     patience, max_steps = 1, 30
-    config = make_config(tmp_path, qa_file, llama_dir, max_steps=max_steps, eval_every=2, save_every=2,
-                         early_stopping_patience=patience, learning_rate=2e-2)
+    config = make_config(
+        tmp_path,
+        qa_file,
+        llama_dir,
+        max_steps=max_steps,
+        eval_every=2,
+        save_every=2,
+        early_stopping_patience=patience,
+        learning_rate=2e-2,
+    )
     config.data.validation_path = str(validation)
     paths = train(config)
     records = [json.loads(line) for line in paths.metrics.read_text().splitlines()]

@@ -1,7 +1,7 @@
 """The data stage: read a file, detect its format, convert to `Example`, clean, split.
 
-    load_examples(path)       one file -> LoadedData(examples, format, report)
-    load_splits(data_config)  the configured files -> DataSplits(train, validation, test, ...)
+load_examples(path)       one file -> LoadedData(examples, format, report)
+load_splits(data_config)  the configured files -> DataSplits(train, validation, test, ...)
 """
 
 from __future__ import annotations
@@ -16,8 +16,19 @@ from .loaders import RawData, read_raw
 from .split import SplitResult, split_examples
 
 __all__ = [
-    "CleanReport", "DataSplits", "Example", "FORMATS", "LoadedData", "RawData", "SplitResult",
-    "clean_examples", "detect_format", "load_examples", "load_splits", "read_raw", "split_examples",
+    "CleanReport",
+    "DataSplits",
+    "Example",
+    "FORMATS",
+    "LoadedData",
+    "RawData",
+    "SplitResult",
+    "clean_examples",
+    "detect_format",
+    "load_examples",
+    "load_splits",
+    "read_raw",
+    "split_examples",
     "to_examples",
 ]
 
@@ -86,10 +97,14 @@ def load_splits(data_config) -> DataSplits:
     Raises:
         DataError: any file cannot be loaded, or nothing usable is left for training.
     """
+
     def load(path: str) -> LoadedData:
         return load_examples(
-            path, format=data_config.format, column_map=data_config.column_map or None,
-            no_answer=data_config.no_answer, hub_split=data_config.hub_split,
+            path,
+            format=data_config.format,
+            column_map=data_config.column_map or None,
+            no_answer=data_config.no_answer,
+            hub_split=data_config.hub_split,
             deduplicate=data_config.deduplicate,
         )
 

@@ -30,8 +30,13 @@ ALIASES = {
 
 SQUAD_ANSWER_COLUMNS = ("answers", "answers.text")
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
     "system": "system",
 }
 
@@ -86,8 +91,13 @@ def _qa_example(question, answers, *, context, system, is_impossible, no_answer,
     messages = [{"role": "system", "content": system}] if system and system.strip() else []
     messages += [{"role": "user", "content": question}, {"role": "assistant", "content": target}]
     return Example(
-        messages=messages, context=context or None, answers=answers, id=id, source=source,
-        group=group or None, is_impossible=is_impossible,
+        messages=messages,
+        context=context or None,
+        answers=answers,
+        id=id,
+        source=source,
+        group=group or None,
+        is_impossible=is_impossible,
     )
 
 
@@ -96,30 +106,44 @@ def _convert_squad(raw: RawData, no_answer: str) -> list[Example]:
     examples: list[Example] = []
     for a, article in enumerate(articles):
         if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
-            raise DataError(f"{raw.name}: data[{a}] has no 'paragraphs' list.", hint="every article needs {\"title\", \"paragraphs\": [...]}")
+            raise DataError(
+                f"{raw.name}: data[{a}] has no 'paragraphs' list.",
+                hint='every article needs {"title", "paragraphs": [...]}',
+            )
         title = _text(article.get("title"), f"{raw.name} data[{a}]", "title")
         for p, paragraph in enumerate(article["paragraphs"]):
             where_p = f"{raw.name} data[{a}].paragraphs[{p}]"
             if not isinstance(paragraph, dict) or not isinstance(paragraph.get("qas"), list):
-                raise DataError(f"{where_p} has no 'qas' list.", hint="every paragraph needs {\"context\", \"qas\": [...]}")
+                raise DataError(f"{where_p} has no 'qas' list.", hint='every paragraph needs {"context", "qas": [...]}')
             context = _text(paragraph.get("context"), where_p, "context")
             for q, qa in enumerate(paragraph["qas"]):
                 where = f"{where_p}.qas[{q}]"
                 if not isinstance(qa, dict):
-                    raise DataError(f"{where} is not an object.", hint="each entry of qas needs {\"id\", \"question\", \"answers\"}")
+                    raise DataError(
+                        f"{where} is not an object.", hint='each entry of qas needs {"id", "question", "answers"}'
+                    )
                 answers = qa.get("answers") or []
                 if not isinstance(answers, list) or not all(isinstance(item, dict) for item in answers):
-                    raise DataError(f"{where}: field 'answers' must be a list of {{\"text\", \"answer_start\"}}.", hint="fix that record")
+                    raise DataError(
+                        f'{where}: field \'answers\' must be a list of {{"text", "answer_start"}}.',
+                        hint="fix that record",
+                    )
                 texts = [_text(item.get("text"), where, "answers.text") for item in answers]
                 _check_starts(raw, context, texts, [item.get("answer_start") for item in answers])
                 index = len(examples)
-                examples.append(_qa_example(
-                    _text(qa.get("question"), where, "question"),
-                    texts,
-                    context=context, system=None, is_impossible=bool(qa.get("is_impossible", False)),
-                    no_answer=no_answer, id=str(qa["id"]) if qa.get("id") is not None else f"{raw.stem}-{index}",
-                    source=f"{raw.name}:{index}", group=title or context,
-                ))
+                examples.append(
+                    _qa_example(
+                        _text(qa.get("question"), where, "question"),
+                        texts,
+                        context=context,
+                        system=None,
+                        is_impossible=bool(qa.get("is_impossible", False)),
+                        no_answer=no_answer,
+                        id=str(qa["id"]) if qa.get("id") is not None else f"{raw.stem}-{index}",
+                        source=f"{raw.name}:{index}",
+                        group=title or context,
+                    )
+                )
     return examples
 
 
@@ -132,7 +156,7 @@ def _check_starts(raw: RawData, context: str, texts: list[str], starts: list) ->
         if not isinstance(start, int) or isinstance(start, bool) or not text:
             fixed.append(start if isinstance(start, int) else None)
             continue
-        if context[start:start + len(text)] == text:
+        if context[start : start + len(text)] == text:
             fixed.append(start)
             continue
         found = [i for i in range(len(context)) if context.startswith(text, i)]
@@ -224,11 +248,19 @@ def _convert_table(raw: RawData, records: list[dict], fmt: str, column_map: dict
         impossible = flagged or (structured and answers == [])
         context = field("context")
         record_id = field("id")
-        examples.append(_qa_example(
-            field("question"), answers or [], context=context, system=field("system"),
-            is_impossible=impossible, no_answer=no_answer, id=record_id or f"{raw.stem}-{index}",
-            source=f"{raw.name}:{index}", group=field("group") or context,
-        ))
+        examples.append(
+            _qa_example(
+                field("question"),
+                answers or [],
+                context=context,
+                system=field("system"),
+                is_impossible=impossible,
+                no_answer=no_answer,
+                id=record_id or f"{raw.stem}-{index}",
+                source=f"{raw.name}:{index}",
+                group=field("group") or context,
+            )
+        )
     return examples
 
 
@@ -237,14 +269,21 @@ def _convert_alpaca(raw: RawData, index: int, record: dict) -> Example:
     instruction = _text(record.get("instruction"), where, "instruction")
     extra = _text(record.get("input"), where, "input")
     output = _text(record.get("output"), where, "output")
-    user = f"{instruction}\n\n{extra}" if instruction.strip() and extra.strip() else (instruction if instruction.strip() else extra)
+    user = (
+        f"{instruction}\n\n{extra}"
+        if instruction.strip() and extra.strip()
+        else (instruction if instruction.strip() else extra)
+    )
     turns = []
     system = _text(record.get("system"), where, "system")
     if system.strip():
         turns.append(("system", system))
     history = record.get("history") or []  # LLaMA-Factory's earlier turns: [[user, assistant], ...]
     if not isinstance(history, list) or not all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in history):
-        raise DataError(f"{where}: field 'history' must be a list of [user, assistant] pairs.", hint="fix or remove 'history' in that record")
+        raise DataError(
+            f"{where}: field 'history' must be a list of [user, assistant] pairs.",
+            hint="fix or remove 'history' in that record",
+        )
     for pair in history:
         turns += [("user", _text(pair[0], where, "history")), ("assistant", _text(pair[1], where, "history"))]
     turns += [("user", user), ("assistant", output)]
@@ -293,7 +332,9 @@ def _convert_messages(raw: RawData, index: int, record: dict) -> Example:
             )
         content = message.get("content")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+            content = "".join(
+                part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+            )
         turns.append((role, _text(content, where, f"{field}.content")))
     return _chat_example(raw, index, record, turns)
 
@@ -305,6 +346,8 @@ def _chat_example(raw: RawData, index: int, record: dict, turns: list[tuple[str,
     record_id = record.get("id")
     record_id = str(record_id) if isinstance(record_id, (str, int)) and str(record_id).strip() else ""
     return Example(
-        messages=messages, answers=[final] if final.strip() else [], id=record_id or f"{raw.stem}-{index}",
+        messages=messages,
+        answers=[final] if final.strip() else [],
+        id=record_id or f"{raw.stem}-{index}",
         source=f"{raw.name}:{index}",
     )

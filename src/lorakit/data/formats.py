@@ -30,7 +30,7 @@ FORMATS = ("squad", "squad_flat", "qa", "faq", "alpaca", "sharegpt", "messages",
 KNOWN = (
     "squad ({data: [{title, paragraphs: [{context, qas}]}]}), squad_flat (question, context, answers), "
     "qa (question/answer, q/a, prompt/response, query/response, optional context), "
-    "faq ({\"Questions\": [{question, answer}]}), alpaca (instruction, input, output), "
+    'faq ({"Questions": [{question, answer}]}), alpaca (instruction, input, output), '
     "sharegpt (conversations: [{from, value}]), messages (messages: [{role, content}]), columns (any table + column_map)"
 )
 
@@ -75,17 +75,21 @@ def _records(raw: RawData) -> tuple[list[dict], bool]:
     """The list of records, unwrapping an object that holds exactly one list of objects."""
     data, wrapped = raw.data, False
     if isinstance(data, dict):
-        lists = [key for key, value in data.items() if isinstance(value, list) and all(isinstance(v, dict) for v in value)]
+        lists = [
+            key for key, value in data.items() if isinstance(value, list) and all(isinstance(v, dict) for v in value)
+        ]
         if len(lists) != 1:
             raise _unknown(raw, list(data.keys()), top_level=True)
         data, wrapped = data[lists[0]], True
     if not data:
-        raise DataError(f"{raw.name}: the file holds no records.", hint="point data.path at the file that holds your records")
+        raise DataError(
+            f"{raw.name}: the file holds no records.", hint="point data.path at the file that holds your records"
+        )
     for index, record in enumerate(data):
         if not isinstance(record, dict):
             raise DataError(
                 f"{raw.where(index)} is a {type(record).__name__}, not an object with named fields.",
-                hint="make every record an object such as {\"question\": ..., \"answer\": ...}",
+                hint='make every record an object such as {"question": ..., "answer": ...}',
             )
     return data, wrapped
 
@@ -103,7 +107,9 @@ def _unknown(raw: RawData, keys, top_level: bool = False) -> DataError:
 # --- conversion ----------------------------------------------------------------------------
 
 
-def to_examples(raw: RawData, fmt: str, *, column_map: dict | None = None, no_answer: str = "unanswerable") -> list[Example]:
+def to_examples(
+    raw: RawData, fmt: str, *, column_map: dict | None = None, no_answer: str = "unanswerable"
+) -> list[Example]:
     """Convert every record of `raw` in format `fmt` to an `Example`.
 
     Raises:
@@ -121,7 +127,7 @@ def to_examples(raw: RawData, fmt: str, *, column_map: dict | None = None, no_an
     if fmt == "squad":
         if not _is_squad(raw.data):
             raise DataError(
-                f"{raw.name}: format squad needs {{\"data\": [{{\"title\", \"paragraphs\": [...]}}]}}; "
+                f'{raw.name}: format squad needs {{"data": [{{"title", "paragraphs": [...]}}]}}; '
                 f"found {_top_keys(raw.data)}.",
                 hint="use format auto to detect the format, or squad_flat for question/context/answers columns",
             )

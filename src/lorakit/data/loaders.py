@@ -104,7 +104,9 @@ def read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise DataError(f"{path}: cannot read the file: {exc.strerror}.", hint="check the path and its permissions") from None
+        raise DataError(
+            f"{path}: cannot read the file: {exc.strerror}.", hint="check the path and its permissions"
+        ) from None
 
 
 def _decode(path: Path) -> str:
@@ -190,7 +192,7 @@ def _read_json(path: Path) -> RawData:
     if not isinstance(data, (list, dict)):
         raise DataError(
             f"{path}: the top level is a {type(data).__name__}; expected a list of records or an object.",
-            hint="wrap the records in a JSON list, e.g. [{\"question\": ..., \"answer\": ...}]",
+            hint='wrap the records in a JSON list, e.g. [{"question": ..., "answer": ...}]',
         )
     return RawData(data=data, path=str(path), name=path.name, kind="json")
 
@@ -214,7 +216,7 @@ def _parse_jsonl(text: str, path: Path, kind: str) -> RawData:
         if not isinstance(record, dict):
             raise DataError(
                 f"{path}: line {number} is a JSON {type(record).__name__}, not an object.",
-                hint="each line must be an object like {\"question\": ..., \"answer\": ...}",
+                hint='each line must be an object like {"question": ..., "answer": ...}',
             )
         records.append(record)
         lines.append(number)
@@ -241,7 +243,9 @@ def _read_delimited(path: Path, delimiter: str, kind: str) -> RawData:
             records.append({key.strip(): value for key, value in row.items()})
             lines.append(reader.line_num)
     except csv.Error as exc:
-        raise DataError(f"{path}: line {reader.line_num}: malformed {kind.upper()}: {exc}.", hint="fix the quoting on that line") from None
+        raise DataError(
+            f"{path}: line {reader.line_num}: malformed {kind.upper()}: {exc}.", hint="fix the quoting on that line"
+        ) from None
     return RawData(data=records, path=str(path), name=path.name, kind=kind, lines=lines)
 
 
@@ -259,7 +263,9 @@ def _read_parquet(path: Path) -> RawData:
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise DataError(f"{path}: cannot read Parquet: {exc}.", hint="re-export the file, e.g. with pandas.to_parquet") from None
+        raise DataError(
+            f"{path}: cannot read Parquet: {exc}.", hint="re-export the file, e.g. with pandas.to_parquet"
+        ) from None
     return RawData(data=table.to_pylist(), path=str(path), name=path.name, kind="parquet")
 
 

@@ -21,8 +21,7 @@ logger = logging.getLogger("lorakit.demo")
 
 DEMO_DATA = "reading_comprehension.json"
 SYSTEM_PROMPT = (
-    "Answer the question with the shortest exact phrase copied from the context. "
-    "Do not write a full sentence."
+    "Answer the question with the shortest exact phrase copied from the context. Do not write a full sentence."
 )
 
 

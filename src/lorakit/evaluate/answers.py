@@ -8,9 +8,19 @@ from collections.abc import Sequence
 from ..inference.decoding import _first_stop
 
 _THINK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
-_LEFTOVERS = ("<|im_end|>", "<|im_start|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>", "<s>", "<eos>", "<end_of_turn>")
+_LEFTOVERS = (
+    "<|im_end|>",
+    "<|im_start|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "</s>",
+    "<s>",
+    "<eos>",
+    "<end_of_turn>",
+)
 _PREFIX = re.compile(r"^\s*(?:#+\s*)?(?:answer|a|assistant|response)\s*:\s*", re.IGNORECASE)
-_QUOTES = ("\"\"", "''", "“”", "‘’", "«»", "``")
+_QUOTES = ('""', "''", "“”", "‘’", "«»", "``")
 
 
 def extract_answer(text: str, stop_strings: Sequence[str] = ()) -> str:

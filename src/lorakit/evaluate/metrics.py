@@ -154,8 +154,9 @@ def _token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _em_f1(prediction: str, references: Sequence[str], no_answer: str, lang: str | None,
-           where: str = "example") -> tuple[float, float]:
+def _em_f1(
+    prediction: str, references: Sequence[str], no_answer: str, lang: str | None, where: str = "example"
+) -> tuple[float, float]:
     """(EM, F1) on 0..1, the best over the references, as the SQuAD v1.1 script computes them.
 
     No references means unanswerable (SQuAD 2.0): right iff the prediction is empty or no_answer.
@@ -172,8 +173,9 @@ def _em_f1(prediction: str, references: Sequence[str], no_answer: str, lang: str
     return max(float(pred == gold) for gold in golds), max(_token_f1(pred, gold) for gold in golds)
 
 
-def exact_match(prediction: str, references: Sequence[str], *, no_answer: str = "unanswerable",
-                lang: str | None = None) -> float:
+def exact_match(
+    prediction: str, references: Sequence[str], *, no_answer: str = "unanswerable", lang: str | None = None
+) -> float:
     """1.0 if the normalized prediction equals a normalized reference, else 0.0.
 
     With `references == []` (unanswerable) it is 1.0 iff the prediction is empty or `no_answer`.
@@ -181,14 +183,16 @@ def exact_match(prediction: str, references: Sequence[str], *, no_answer: str = 
     return _em_f1(prediction, references, no_answer, lang)[0]
 
 
-def f1_score(prediction: str, references: Sequence[str], *, no_answer: str = "unanswerable",
-             lang: str | None = None) -> float:
+def f1_score(
+    prediction: str, references: Sequence[str], *, no_answer: str = "unanswerable", lang: str | None = None
+) -> float:
     """Token-level F1 (0..1) of the normalized prediction, the best over the references."""
     return _em_f1(prediction, references, no_answer, lang)[1]
 
 
-def score_example(prediction: str, references: Sequence[str], *, no_answer: str = "unanswerable",
-                  lang: str | None = None) -> dict:
+def score_example(
+    prediction: str, references: Sequence[str], *, no_answer: str = "unanswerable", lang: str | None = None
+) -> dict:
     """{"exact_match": 0 or 100, "f1": 0..100} for one example."""
     exact, f1 = _em_f1(prediction, references, no_answer, lang)
     return {"exact_match": 100.0 * exact, "f1": 100.0 * f1}
@@ -268,8 +272,9 @@ def bleu_tokenizer_for(texts: Iterable[str]) -> str:
     return "13a"
 
 
-def bleu_score(predictions: Sequence[str], references_list: Sequence[Sequence[str]], *,
-               tokenize: str = "auto") -> float:
+def bleu_score(
+    predictions: Sequence[str], references_list: Sequence[Sequence[str]], *, tokenize: str = "auto"
+) -> float:
     """Corpus BLEU (0..100) with sacreBLEU on the raw text; examples may have different
     numbers of references. `tokenize="auto"` picks one with `bleu_tokenizer_for`."""
     import sacrebleu
@@ -313,9 +318,15 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def corpus_metrics(predictions: Sequence[str], references_list: Sequence[Sequence[str]], *,
-                   no_answer: str = "unanswerable", finish_reasons: Sequence[str] | None = None,
-                   bleu_tokenize: str = "auto", lang: str | None = None) -> dict:
+def corpus_metrics(
+    predictions: Sequence[str],
+    references_list: Sequence[Sequence[str]],
+    *,
+    no_answer: str = "unanswerable",
+    finish_reasons: Sequence[str] | None = None,
+    bleu_tokenize: str = "auto",
+    lang: str | None = None,
+) -> dict:
     """Every metric for a set of predictions, on 0..100 scales.
 
     Returns n, exact_match, f1, rouge1, rouge2, rougeL, bleu, bleu_tokenize, never_stops_rate

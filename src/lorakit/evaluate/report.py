@@ -166,8 +166,13 @@ def write_eval_outputs(
 
     lines = [json.dumps(_finite(_prediction_line(r, b, created)), ensure_ascii=False) for r, b in pairs]
     paths = {"predictions": atomic_write_text(eval_dir / "predictions.jsonl", "\n".join(lines) + "\n")}
-    summary = {"adapter": metrics, "base": base_metrics, "delta": _delta(metrics, base_metrics),
-               "n": len(records), "created": created}
+    summary = {
+        "adapter": metrics,
+        "base": base_metrics,
+        "delta": _delta(metrics, base_metrics),
+        "n": len(records),
+        "created": created,
+    }
     if about is not None:
         summary["evaluation"] = about
     paths["metrics"] = atomic_write_json(eval_dir / "metrics.json", _finite(summary))

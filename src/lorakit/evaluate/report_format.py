@@ -85,8 +85,10 @@ def _example_sections(pairs: list[tuple[dict, dict | None]], k: int) -> list[tup
     deltas = [(record["f1"] - base["f1"], (record, base)) for record, base in pairs]
     improved = sorted((d for d in deltas if d[0] > 0), key=lambda d: -d[0])[:k]
     worse = sorted((d for d in deltas if d[0] < 0), key=lambda d: d[0])[:k]
-    return [("Examples that improved most (by F1)", [pair for _, pair in improved]),
-            ("Examples that got worse (by F1)", [pair for _, pair in worse])]
+    return [
+        ("Examples that improved most (by F1)", [pair for _, pair in improved]),
+        ("Examples that got worse (by F1)", [pair for _, pair in worse]),
+    ]
 
 
 def _one_line(text: Any, limit: int = 400) -> str:
@@ -113,8 +115,11 @@ def _markdown(title, created, metrics, base_metrics, pairs, k) -> str:
     else:
         lines += ["| metric | value |", "|---|---:|"]
         lines += [f"| {label} | {_fmt(v)} |" for label, _, v in rows]
-    lines += ["", "Exact match, F1, ROUGE and BLEU are on a 0-100 scale. Never stops: the share of "
-              "answers that hit the token limit without an end-of-sequence token."]
+    lines += [
+        "",
+        "Exact match, F1, ROUGE and BLEU are on a 0-100 scale. Never stops: the share of "
+        "answers that hit the token limit without an end-of-sequence token.",
+    ]
     if metrics.get("bleu_tokenize"):
         lines.append(f"BLEU tokenizer: `{metrics['bleu_tokenize']}`.")
     for heading, chosen in _example_sections(pairs, k):
@@ -122,9 +127,12 @@ def _markdown(title, created, metrics, base_metrics, pairs, k) -> str:
         if not chosen:
             lines.append("None.")
         for number, (record, base) in enumerate(chosen, 1):
-            lines += [f"### {number}. {_md(record.get('id', ''))}", "",
-                      f"- Question: {_md(record.get('question'))}",
-                      f"- References: {_md(_refs(record))}"]
+            lines += [
+                f"### {number}. {_md(record.get('id', ''))}",
+                "",
+                f"- Question: {_md(record.get('question'))}",
+                f"- References: {_md(_refs(record))}",
+            ]
             if base is not None:
                 lines.append(f"- Base (F1 {_fmt(base['f1'])}): {_md(base['prediction'])}")
             lines += [f"- Adapter (F1 {_fmt(record['f1'])}): {_md(record['prediction'])}", ""]

@@ -26,8 +26,11 @@ def _loss_plot(loss_history: Sequence[dict] | None, out_path: Path) -> bytes | N
     """The run's loss curves (lorakit.plots.plot_loss), written atomically; None without history."""
     from .plots import plot_loss
 
-    points = [r for r in loss_history or [] if _is_number(r.get("step"))
-              and (_is_number(r.get("loss")) or _is_number(r.get("eval_loss")))]
+    points = [
+        r
+        for r in loss_history or []
+        if _is_number(r.get("step")) and (_is_number(r.get("loss")) or _is_number(r.get("eval_loss")))
+    ]
     if not points:
         return None
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,16 +91,22 @@ def _html_examples(heading: str, chosen: list, compared: bool) -> str:
 def _html(title, created, metrics, base_metrics, pairs, k, plots: dict[str, bytes]) -> str:
     rows = _metric_rows(metrics, base_metrics)
     compared = base_metrics is not None
-    head = "<tr><th>metric</th><th>base</th><th>adapter</th><th>delta</th></tr>" if compared else \
-        "<tr><th>metric</th><th>value</th></tr>"
+    head = (
+        "<tr><th>metric</th><th>base</th><th>adapter</th><th>delta</th></tr>"
+        if compared
+        else "<tr><th>metric</th><th>value</th></tr>"
+    )
     body = []
     for label, b, v in rows:
         cells = [f"<td>{html.escape(label)}</td>"]
         if compared:
             delta = _fmt_delta(b, v)
             css = "up" if delta.startswith("+") and delta != "+0.00" else "down" if delta.startswith("-") else ""
-            cells += [f'<td class="num">{_fmt(b)}</td>', f'<td class="num">{_fmt(v)}</td>',
-                      f'<td class="num {css}">{delta}</td>']
+            cells += [
+                f'<td class="num">{_fmt(b)}</td>',
+                f'<td class="num">{_fmt(v)}</td>',
+                f'<td class="num {css}">{delta}</td>',
+            ]
         else:
             cells.append(f'<td class="num">{_fmt(v)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
@@ -108,11 +117,14 @@ def _html(title, created, metrics, base_metrics, pairs, k, plots: dict[str, byte
     )
     if "loss" not in plots:
         images = '<p class="note">No training history was given, so there is no loss curve.</p>' + images
-    examples = "\n".join(_html_examples(heading, chosen, pairs[0][1] is not None)
-                         for heading, chosen in _example_sections(pairs, k))
+    examples = "\n".join(
+        _html_examples(heading, chosen, pairs[0][1] is not None) for heading, chosen in _example_sections(pairs, k)
+    )
     tokenizer = metrics.get("bleu_tokenize")
-    note = "Exact match, F1, ROUGE and BLEU are on a 0-100 scale. Never stops: the share of answers " \
-           "that hit the token limit without an end-of-sequence token."
+    note = (
+        "Exact match, F1, ROUGE and BLEU are on a 0-100 scale. Never stops: the share of answers "
+        "that hit the token limit without an end-of-sequence token."
+    )
     if tokenizer:
         note += f" BLEU tokenizer: {html.escape(str(tokenizer))}."
     return f"""<!DOCTYPE html>

@@ -161,7 +161,9 @@ def _prepare_out_dir(out: Path, info, overwrite: bool) -> None:
         if relation is not None:
             raise RunError(
                 f"--out '{out}' {relation} {what} '{folder}', which a merge must leave untouched"
-                + (" (a merge written over the base makes the run apply its adapter twice)." if "base" in what else "."),
+                + (
+                    " (a merge written over the base makes the run apply its adapter twice)." if "base" in what else "."
+                ),
                 hint=f"give a new folder outside the run and its base model, e.g. --out merged/{info.root.resolve().name}",
             )
     if out.exists() and not out.is_dir():
@@ -219,8 +221,10 @@ def merge_run(
     torch_dtype = _check_dtype(dtype)
     info = read_run(path)
     if info.is_merged:
-        raise RunError(f"'{path}' is already a merged model (it has no adapter to merge).",
-                       hint="merge a run folder written by `lorakit train`")
+        raise RunError(
+            f"'{path}' is already a merged model (it has no adapter to merge).",
+            hint="merge a run folder written by `lorakit train`",
+        )
     out = Path(out_dir)
     _prepare_out_dir(out, info, overwrite)
     check_base_weights(info)
@@ -251,10 +255,20 @@ def merge_run(
         tokenizer.chat_template = hf_chat_template(info.template)
         tokenizer.save_pretrained(tmp)
         write_metadata(
-            tmp, base=dict(info.base), task_type=info.task_type, template=info.template, precision=dtype,
+            tmp,
+            base=dict(info.base),
+            task_type=info.task_type,
+            template=info.template,
+            precision=dtype,
             max_length=info.max_length,
-            extra={"merged_from": {"run": str(info.root.resolve()), "adapter": str(info.adapter_dir.resolve()),
-                                   "dtype": dtype, "base_quantization_in_training": quantization}},
+            extra={
+                "merged_from": {
+                    "run": str(info.root.resolve()),
+                    "adapter": str(info.adapter_dir.resolve()),
+                    "dtype": dtype,
+                    "base_quantization_in_training": quantization,
+                }
+            },
         )
         if info.paths.config.is_file():  # lets `lorakit eval` find the run's data splits
             shutil.copyfile(info.paths.config, tmp / "config.yaml")
@@ -276,8 +290,15 @@ def merge_run(
             floor = floor["max_abs_diff"]
             result["passed"] = result["passed"] or result["max_abs_diff"] <= FLOOR_FACTOR * floor + atol
         report = MergeReport(
-            out_dir=str(out), dtype=dtype, atol=atol, rtol=rtol, inputs=len(prompts), notes=notes,
-            seconds=round(time.perf_counter() - started, 2), dtype_noise_floor=floor, **result,
+            out_dir=str(out),
+            dtype=dtype,
+            atol=atol,
+            rtol=rtol,
+            inputs=len(prompts),
+            notes=notes,
+            seconds=round(time.perf_counter() - started, 2),
+            dtype_noise_floor=floor,
+            **result,
         )
         atomic_write_json(tmp / VERIFICATION_FILE, {**report.to_dict(), "prompts": prompts})
         if not report.passed:

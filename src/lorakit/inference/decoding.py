@@ -54,7 +54,11 @@ def _as_ids(tokenizer, prompt: str | list[int], task_type: str) -> list[int]:
 
 
 def _pad_id(tokenizer, model) -> int:
-    for candidate in (tokenizer.pad_token_id, getattr(model.generation_config, "pad_token_id", None), tokenizer.eos_token_id):
+    for candidate in (
+        tokenizer.pad_token_id,
+        getattr(model.generation_config, "pad_token_id", None),
+        tokenizer.eos_token_id,
+    ):
         if isinstance(candidate, int):
             return candidate
     return 0
@@ -166,7 +170,9 @@ def _first_stop(text: str, stop_strings: Iterable[str]) -> int:
     return min(found) if found else -1
 
 
-def _finish(tokenizer, row: list[int], *, prompt_tokens, eos_ids, stopped_at, stop_strings, max_new_tokens) -> Generation:
+def _finish(
+    tokenizer, row: list[int], *, prompt_tokens, eos_ids, stopped_at, stop_strings, max_new_tokens
+) -> Generation:
     """Turn one row of generated ids into a Generation, deciding why it ended.
 
     stopped_at: how many tokens the row had when a stop string appeared (None if it never did);

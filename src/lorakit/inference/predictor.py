@@ -211,7 +211,9 @@ class Predictor:
             stopping_criteria=stopping_criteria,
         )
 
-    def stream(self, messages: list[dict], context: str | None = None, *, max_new_tokens: int = 256, **decoding) -> Iterator[str]:
+    def stream(
+        self, messages: list[dict], context: str | None = None, *, max_new_tokens: int = 256, **decoding
+    ) -> Iterator[str]:
         """Yield the reply to a conversation piece by piece.
 
         Args:

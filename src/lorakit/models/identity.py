@@ -131,7 +131,12 @@ def base_model_identity(model_config: ModelConfig, *, commit_hash: str | None = 
     weights (several safetensors shards hash to one digest of their names and hashes) and each
     file's size and mtime; for hub ids the revision (the resolved commit when known)."""
     source, gguf, is_local = resolve_source(model_config)
-    identity: dict[str, Any] = {"name_or_path": source, "gguf_file": gguf, "revision": model_config.revision, "sha256": None}
+    identity: dict[str, Any] = {
+        "name_or_path": source,
+        "gguf_file": gguf,
+        "revision": model_config.revision,
+        "sha256": None,
+    }
     if not is_local:
         identity["revision"] = commit_hash or model_config.revision or "main"
         return identity

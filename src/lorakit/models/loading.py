@@ -25,8 +25,11 @@ logger = logging.getLogger(__name__)
 
 def _looks_local(name: str) -> bool:
     """A path rather than a hub id: absolute, relative with ./, ~, a .gguf file, or deeper than org/name."""
-    return name.startswith((".", "/", "~", "\\")) or name.endswith(".gguf") or name.count("/") > 1 or (
-        len(name) > 1 and name[1] == ":"
+    return (
+        name.startswith((".", "/", "~", "\\"))
+        or name.endswith(".gguf")
+        or name.count("/") > 1
+        or (len(name) > 1 and name[1] == ":")
     )
 
 
@@ -66,7 +69,9 @@ def resolve_source(model_config: ModelConfig) -> tuple[str, str | None, bool]:
                 if ggufs
                 else "point model.name_or_path at a folder saved with save_pretrained (it has config.json)"
             )
-            raise ModelError(f"model.name_or_path: folder '{path}' has no config.json, so it is not a model.", hint=hint)
+            raise ModelError(
+                f"model.name_or_path: folder '{path}' has no config.json, so it is not a model.", hint=hint
+            )
         else:
             check_safetensors(path)  # a cut copy fails here, before anything else loads
         return str(path.resolve()), gguf, True
@@ -112,7 +117,7 @@ def load_model_config(model_config: ModelConfig):
 
 
 def detect_task_type(model_config: ModelConfig) -> str:
-    """"causal" or "seq2seq": model.task_type when set, else the config's is_encoder_decoder."""
+    """ "causal" or "seq2seq": model.task_type when set, else the config's is_encoder_decoder."""
     if model_config.task_type != "auto":
         return model_config.task_type
     config = load_model_config(model_config)

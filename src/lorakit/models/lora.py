@@ -40,7 +40,7 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 
 
 def resolve_target_modules(model: torch.nn.Module, target_modules) -> list[str] | str:
-    """"auto" -> the family's attention projections; "all-linear" passes to peft; a list is checked.
+    """ "auto" -> the family's attention projections; "all-linear" passes to peft; a list is checked.
 
     Raises:
         ModelError: a listed module does not exist, or "auto" knows no projections of this model.

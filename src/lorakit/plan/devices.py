@@ -103,8 +103,18 @@ def gpu_spec(gpu: str = "cpu", memory_gb: float | None = None) -> GpuSpec:
         raise ConfigError(f"--gpu: unknown device '{gpu}'.", hint=f"use one of: {', '.join(DEVICES)}")
     if memory_gb is not None:
         if memory_gb <= 0:
-            raise ConfigError(f"--memory-gb: must be positive (got {memory_gb}).", hint="give the device memory in GiB, e.g. --memory-gb 16")
-        spec = GpuSpec(spec.name, int(memory_gb * GIB), spec.peak_flops, spec.bf16, f"{spec.label}, {memory_gb:g} GiB", spec.op_seconds)
+            raise ConfigError(
+                f"--memory-gb: must be positive (got {memory_gb}).",
+                hint="give the device memory in GiB, e.g. --memory-gb 16",
+            )
+        spec = GpuSpec(
+            spec.name,
+            int(memory_gb * GIB),
+            spec.peak_flops,
+            spec.bf16,
+            f"{spec.label}, {memory_gb:g} GiB",
+            spec.op_seconds,
+        )
     return spec
 
 
@@ -131,8 +141,18 @@ def precision_bytes(config, spec: GpuSpec) -> tuple[int, int, str]:
     return 4, 2, "float16"
 
 
-def step_time(shape: ModelShape, spec: GpuSpec, *, n_lora: int, n_adapters: int, tokens: float, seq_len: float,
-              micro_batches: int = 1, gradient_checkpointing: bool = False, quantization: str = "none") -> TimeEstimate:
+def step_time(
+    shape: ModelShape,
+    spec: GpuSpec,
+    *,
+    n_lora: int,
+    n_adapters: int,
+    tokens: float,
+    seq_len: float,
+    micro_batches: int = 1,
+    gradient_checkpointing: bool = False,
+    quantization: str = "none",
+) -> TimeEstimate:
     """Seconds per optimizer step: FLOPs per token x tokens / sustained FLOP/s (a stated share of the
     device's peak), plus a fixed cost per operator for each micro-batch (n_adapters: LoRA-wrapped
     linear layers per transformer layer)."""
@@ -146,8 +166,13 @@ def step_time(shape: ModelShape, spec: GpuSpec, *, n_lora: int, n_adapters: int,
     layers = shape.num_layers + shape.num_decoder_layers
     ops = layers * (OPS_PER_LAYER + OPS_PER_ADAPTER * n_adapters) * (CHECKPOINT_OPS if gradient_checkpointing else 1)
     seconds = per_token * tokens / rate + ops * micro_batches * spec.op_seconds
-    return TimeEstimate(per_token, rate, seconds, f"FLOPs/token = {formula}; device at {how}; "
-                        f"+ {ops:.0f} operators per micro-batch at {spec.op_seconds * 1e6:.0f} us each")
+    return TimeEstimate(
+        per_token,
+        rate,
+        seconds,
+        f"FLOPs/token = {formula}; device at {how}; "
+        f"+ {ops:.0f} operators per micro-batch at {spec.op_seconds * 1e6:.0f} us each",
+    )
 
 
 def detect_device() -> tuple[str, float | None]:

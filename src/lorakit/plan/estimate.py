@@ -41,7 +41,13 @@ def data_lengths(config: LorakitConfig, task_type: str) -> DataLengths:
     prepared = prepare(config, encode=False, task_type=task_type, require_tokenizer=False)
     train, max_length = prepared.splits.train, config.template.max_length
     if prepared.tokenizer is None:
-        return DataLengths([], [], 1, len(train), f"tokenizer unavailable ({prepared.tokenizer_error}): assumed every sequence is template.max_length={max_length}")
+        return DataLengths(
+            [],
+            [],
+            1,
+            len(train),
+            f"tokenizer unavailable ({prepared.tokenizer_error}): assumed every sequence is template.max_length={max_length}",
+        )
     template, tokenizer, kw = prepared.template, prepared.tokenizer, prepared.encode_options
     lengths, targets, safe_min, dropped = [], [], 1, 0
     for example in train:
@@ -68,7 +74,7 @@ def _padded_mean(lengths: list[int], batch: int, grouped: bool, seed: int) -> fl
     if not lengths:
         return 0.0
     order = sorted(lengths) if grouped else random.Random(seed).sample(lengths, len(lengths))
-    chunks = [order[i: i + batch] for i in range(0, len(order), batch)]
+    chunks = [order[i : i + batch] for i in range(0, len(order), batch)]
     return sum(max(c) * len(c) for c in chunks) / len(order)
 
 
@@ -78,7 +84,9 @@ def _task_type(config: LorakitConfig, shape: ModelShape) -> str:
     return "seq2seq" if shape.is_seq2seq else "causal"
 
 
-def estimate_memory(config: LorakitConfig, shape: ModelShape, gpu, seq_len: int, target_len: int | None = None) -> MemoryEstimate:
+def estimate_memory(
+    config: LorakitConfig, shape: ModelShape, gpu, seq_len: int, target_len: int | None = None
+) -> MemoryEstimate:
     """Peak memory of this config's training step on `gpu` (a name or GpuSpec) at `seq_len` tokens."""
     spec = gpu if isinstance(gpu, GpuSpec) else gpu_spec(gpu)
     if spec.name == "cpu" and config.model.quantization != "none":
@@ -88,11 +96,21 @@ def estimate_memory(config: LorakitConfig, shape: ModelShape, gpu, seq_len: int,
         )
     weight_b, act_b, _ = precision_bytes(config, spec)
     return estimate_step_memory(
-        shape, micro_batch=config.train.micro_batch_size, seq_len=seq_len, target_len=target_len,
-        lora_r=config.lora.r, lora_dropout=config.lora.dropout, target_modules=config.lora.target_modules,
-        use_dora=config.lora.use_dora, quantization=config.model.quantization, weight_bytes_per_param=weight_b,
-        act_bytes=act_b, optimizer=config.train.optimizer, gradient_checkpointing=config.train.gradient_checkpointing,
-        attn=config.model.attn_implementation or "sdpa", device="cpu" if spec.name == "cpu" else "cuda",
+        shape,
+        micro_batch=config.train.micro_batch_size,
+        seq_len=seq_len,
+        target_len=target_len,
+        lora_r=config.lora.r,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+        use_dora=config.lora.use_dora,
+        quantization=config.model.quantization,
+        weight_bytes_per_param=weight_b,
+        act_bytes=act_b,
+        optimizer=config.train.optimizer,
+        gradient_checkpointing=config.train.gradient_checkpointing,
+        attn=config.model.attn_implementation or "sdpa",
+        device="cpu" if spec.name == "cpu" else "cuda",
     )
 
 
@@ -102,8 +120,13 @@ def estimate_time(config: LorakitConfig, shape: ModelShape, gpu, mean_len: float
     modules = lora_modules(shape, config.lora.target_modules)
     t = config.train
     return step_time(
-        shape, spec, n_lora=lora_param_count(shape, modules, config.lora.r), n_adapters=len(modules),
-        tokens=t.micro_batch_size * t.gradient_accumulation * mean_len, seq_len=mean_len,
-        micro_batches=t.gradient_accumulation, gradient_checkpointing=t.gradient_checkpointing,
+        shape,
+        spec,
+        n_lora=lora_param_count(shape, modules, config.lora.r),
+        n_adapters=len(modules),
+        tokens=t.micro_batch_size * t.gradient_accumulation * mean_len,
+        seq_len=mean_len,
+        micro_batches=t.gradient_accumulation,
+        gradient_checkpointing=t.gradient_checkpointing,
         quantization=config.model.quantization,
     )

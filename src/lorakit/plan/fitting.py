@@ -35,8 +35,14 @@ def _largest_micro_batch(config, shape, spec, lengths) -> int | None:
     return None
 
 
-def fit_config(config: LorakitConfig, gpu: str = "cpu", memory_gb: float | None = None, *,
-               shape: ModelShape | None = None, lengths: DataLengths | None = None) -> tuple[LorakitConfig, list[str]]:
+def fit_config(
+    config: LorakitConfig,
+    gpu: str = "cpu",
+    memory_gb: float | None = None,
+    *,
+    shape: ModelShape | None = None,
+    lengths: DataLengths | None = None,
+) -> tuple[LorakitConfig, list[str]]:
     """A copy of `config` that fits `gpu`, and each choice made with its reason.
 
     In order: the largest micro-batch that fits (gradient accumulation keeps the effective batch);
@@ -80,6 +86,7 @@ def fit_config(config: LorakitConfig, gpu: str = "cpu", memory_gb: float | None 
         if not choices:
             choices.append(f"no change: micro-batch {asked[0]} already fits {budget}")
         return new, choices
+
     def need() -> str:  # what micro-batch 1 needs as things stand
         seq = min(max(lengths.lengths), new.template.max_length) if lengths.lengths else new.template.max_length
         return fmt_bytes(estimate_memory(new, shape, spec, seq).total)
@@ -120,11 +127,14 @@ def fit_config(config: LorakitConfig, gpu: str = "cpu", memory_gb: float | None 
     shortest = (
         f" and the shortest max_length that cuts no answer ({lengths.safe_min}) needs "
         f"{fmt_bytes(estimate_memory(new, shape, spec, lengths.safe_min).total)}"
-        if lengths.lengths else " needs more (without the tokenizer max_length cannot be shortened safely)"
+        if lengths.lengths
+        else " needs more (without the tokenizer max_length cannot be shortened safely)"
     )
     choices.append(
         f"nothing fits {budget}: even micro-batch 1 with checkpointing"
-        + (" and 4-bit weights" if spec.name != "cpu" else "") + shortest + "; use a smaller model or a bigger device"
+        + (" and 4-bit weights" if spec.name != "cpu" else "")
+        + shortest
+        + "; use a smaller model or a bigger device"
     )
     return new, choices
 
@@ -138,8 +148,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def run_with_oom_backoff(run_fn: Callable[[LorakitConfig], object], config: LorakitConfig,
-                         log: Callable[[str], None] = logger.warning):
+def run_with_oom_backoff(
+    run_fn: Callable[[LorakitConfig], object], config: LorakitConfig, log: Callable[[str], None] = logger.warning
+):
     """Call run_fn(config); on an out-of-memory error, halve the micro-batch (doubling the gradient
     accumulation, so the effective batch is unchanged) and call it again, down to micro-batch 1.
 

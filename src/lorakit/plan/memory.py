@@ -27,7 +27,21 @@ from .shape import ModelShape
 GIB = 1024**3
 
 # Leaf names of linear layers by the role they play in a transformer block.
-ATTN_IN = {"q_proj", "k_proj", "v_proj", "q", "k", "v", "query_key_value", "c_attn", "qkv_proj", "Wqkv", "query", "key", "value"}
+ATTN_IN = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "q",
+    "k",
+    "v",
+    "query_key_value",
+    "c_attn",
+    "qkv_proj",
+    "Wqkv",
+    "query",
+    "key",
+    "value",
+}
 ATTN_OUT = {"o_proj", "o", "out_proj", "dense", "attn_out"}
 MLP_IN = {"gate_proj", "up_proj", "wi", "wi_0", "wi_1", "fc1", "dense_h_to_4h", "c_fc", "w1", "w3", "gate_up_proj"}
 MLP_OUT = {"down_proj", "wo", "fc2", "dense_4h_to_h", "w2"}
@@ -92,7 +106,9 @@ def lora_param_count(shape: ModelShape, modules: dict, r: int, use_dora: bool = 
     return sum((r * (i + o) + (o if use_dora else 0)) * n for i, o, n in modules.values())
 
 
-def layer_activation_bytes(shape, modules, *, r, dropout, attn, seq, act_bytes, layers, checkpointing) -> tuple[float, float]:
+def layer_activation_bytes(
+    shape, modules, *, r, dropout, attn, seq, act_bytes, layers, checkpointing
+) -> tuple[float, float]:
     """Bytes per token (saved for backward by `layers` layers, recomputed for one layer in backward
     when checkpointing). See the module docstring for what is counted."""
     h, i, nh = shape.hidden_size, shape.intermediate_size, shape.num_heads
@@ -190,7 +206,9 @@ def estimate_step_memory(
         # encoder layers over the source, decoder layers (with cross-attention, ~1.5x) over the target
         tgt = target_len or seq_len
         enc, enc_re = layer_activation_bytes(shape, modules, attn="eager", seq=seq_len, layers=shape.num_layers, **kw)
-        dec, dec_re = layer_activation_bytes(shape, modules, attn="eager", seq=tgt, layers=shape.num_decoder_layers, **kw)
+        dec, dec_re = layer_activation_bytes(
+            shape, modules, attn="eager", seq=tgt, layers=shape.num_decoder_layers, **kw
+        )
         saved = enc * tokens + 1.5 * dec * micro_batch * tgt
         recompute = max(enc_re * tokens, 1.5 * dec_re * micro_batch * tgt)
         logit_tokens = micro_batch * tgt

@@ -63,8 +63,15 @@ class Plan:
         return self.steps * self.time.seconds_per_step
 
 
-def plan_run(config: LorakitConfig, gpu: str = "cpu", memory_gb: float | None = None, *,
-             shape: ModelShape | None = None, lengths: DataLengths | None = None, advise: bool = True) -> Plan:
+def plan_run(
+    config: LorakitConfig,
+    gpu: str = "cpu",
+    memory_gb: float | None = None,
+    *,
+    shape: ModelShape | None = None,
+    lengths: DataLengths | None = None,
+    advise: bool = True,
+) -> Plan:
     """Predict memory and time for training `config` on `gpu`, without loading any weights.
 
     Args:
@@ -90,12 +97,24 @@ def plan_run(config: LorakitConfig, gpu: str = "cpu", memory_gb: float | None = 
     if lengths.lengths:
         seq = min(max(lengths.lengths), max_length)
         target = min(max(lengths.target_lengths), max_length) if lengths.target_lengths else None
-        mean = _padded_mean(lengths.lengths, config.train.micro_batch_size, config.train.group_by_length, config.train.seed)
+        mean = _padded_mean(
+            lengths.lengths, config.train.micro_batch_size, config.train.group_by_length, config.train.seed
+        )
         tokens = sum(lengths.lengths)
     else:
-        seq, target, mean, tokens = max_length, (max_length if task_type == "seq2seq" else None), max_length, max_length * lengths.n_train
+        seq, target, mean, tokens = (
+            max_length,
+            (max_length if task_type == "seq2seq" else None),
+            max_length,
+            max_length * lengths.n_train,
+        )
     memory = estimate_memory(config, shape, spec, seq, target)
-    time_est = estimate_time(config, shape, spec, mean + (sum(lengths.target_lengths) / len(lengths.target_lengths) if lengths.target_lengths else 0))
+    time_est = estimate_time(
+        config,
+        shape,
+        spec,
+        mean + (sum(lengths.target_lengths) / len(lengths.target_lengths) if lengths.target_lengths else 0),
+    )
     per_step = config.train.micro_batch_size * config.train.gradient_accumulation
     steps_per_epoch = max(1, -(-lengths.n_train // per_step))
     if config.train.max_steps > 0:
@@ -105,7 +124,21 @@ def plan_run(config: LorakitConfig, gpu: str = "cpu", memory_gb: float | None = 
     _, _, precision = precision_bytes(config, spec)
     if spec.name == "cpu" and precision == "bfloat16":
         notes.append("bfloat16 on a CPU usually runs far below the float32 rate the time assumes; auto picks float32")
-    plan = Plan(config, shape, spec, precision, seq, target, memory, time_est, steps, tokens, epochs, lengths.n_train, notes + memory.notes)
+    plan = Plan(
+        config,
+        shape,
+        spec,
+        precision,
+        seq,
+        target,
+        memory,
+        time_est,
+        steps,
+        tokens,
+        epochs,
+        lengths.n_train,
+        notes + memory.notes,
+    )
     if advise and not plan.fits:
         fitted, choices = fit_config(config, gpu, memory_gb, shape=shape, lengths=lengths)
         plan.advice = choices + ["run `lorakit plan --fit` to see the fitted plan, or set train.auto_fit: true"]

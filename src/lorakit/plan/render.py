@@ -63,14 +63,18 @@ def render_plan(plan: Plan, choices: list[str] | None = None, console: Console |
     for name, nbytes in [*plan.memory.parts.items(), ("overhead", plan.memory.overhead)]:
         table.add_row(name, fmt_bytes(nbytes), f"{100 * nbytes / total:.0f}%")
     verdict = "fits" if plan.fits else "DOES NOT FIT"
-    table.add_row("[bold]total[/bold]", f"[bold]{fmt_bytes(total)}[/bold]", f"{verdict} in {fmt_bytes(plan.device.memory_bytes)}")
+    table.add_row(
+        "[bold]total[/bold]", f"[bold]{fmt_bytes(total)}[/bold]", f"{verdict} in {fmt_bytes(plan.device.memory_bytes)}"
+    )
     console.print(table)
     console.print(
         f"time: {_duration(plan.time.seconds_per_step)} per step x {plan.steps} steps = {_duration(plan.total_seconds)} "
         f"({plan.epochs:g} epochs of {plan.n_train} examples: {plan.tokens_per_epoch} tokens per epoch, "
         f"{int(plan.tokens_per_epoch * plan.epochs)} in all)"
     )
-    console.print(f"  {plan.time.flops_per_token / 1e6:.1f} MFLOPs/token at {plan.time.device_flops / 1e12:.3g} TFLOP/s; {plan.time.formula}")
+    console.print(
+        f"  {plan.time.flops_per_token / 1e6:.1f} MFLOPs/token at {plan.time.device_flops / 1e12:.3g} TFLOP/s; {plan.time.formula}"
+    )
     for note in plan.notes:
         console.print(f"  note: {note}")
     if choices:

@@ -43,8 +43,14 @@ class ModelShape:
 # --- reading the shape -----------------------------------------------------------------------
 
 GGUF_NAMES = {  # GGUF tensor names -> transformers leaf names
-    "attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
-    "attn_qkv": "qkv_proj", "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj",
+    "attn_q": "q_proj",
+    "attn_k": "k_proj",
+    "attn_v": "v_proj",
+    "attn_output": "o_proj",
+    "attn_qkv": "qkv_proj",
+    "ffn_gate": "gate_proj",
+    "ffn_up": "up_proj",
+    "ffn_down": "down_proj",
 }
 
 
@@ -97,8 +103,10 @@ def _shape_from_hf_config(hf_config, source: str) -> ModelShape:
     heads = text.num_attention_heads
     layers = text.num_hidden_layers
     inter = (
-        getattr(text, "intermediate_size", None) or getattr(text, "d_ff", None)
-        or getattr(text, "ffn_dim", None) or 4 * h
+        getattr(text, "intermediate_size", None)
+        or getattr(text, "d_ff", None)
+        or getattr(text, "ffn_dim", None)
+        or 4 * h
     )
     gated = any(n in linear for n in ("gate_proj", "wi_0", "w3", "gate_up_proj"))
     return ModelShape(
@@ -126,7 +134,9 @@ def _shape_from_gguf(path: str) -> ModelShape:
     try:
         reader = gguf.GGUFReader(path)  # memory-maps the file: tensors are not read
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read the GGUF header of '{path}': {exc}", hint="check the file is a complete .gguf model") from exc
+        raise ModelError(
+            f"cannot read the GGUF header of '{path}': {exc}", hint="check the file is a complete .gguf model"
+        ) from exc
 
     def field(key, default=None):
         f = reader.fields.get(key)

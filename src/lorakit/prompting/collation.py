@@ -13,8 +13,14 @@ class PaddingCollator:
     are padded on their own, on the right; the model builds decoder inputs from them.
     """
 
-    def __init__(self, pad_token_id: int, label_pad: int = IGNORE, pad_to_multiple_of: int | None = None,
-                 padding_side: str = "right", seq2seq: bool = False):
+    def __init__(
+        self,
+        pad_token_id: int,
+        label_pad: int = IGNORE,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str = "right",
+        seq2seq: bool = False,
+    ):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
         self.pad_token_id = pad_token_id

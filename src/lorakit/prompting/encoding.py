@@ -89,7 +89,9 @@ def _encode_segments(template, tokenizer, segments, train_on_prompt: bool) -> tu
     return ids, labels
 
 
-def encode_prompt(template: Template, tokenizer: PreTrainedTokenizerBase, messages: list[dict], context=None, system=None) -> list[int]:
+def encode_prompt(
+    template: Template, tokenizer: PreTrainedTokenizerBase, messages: list[dict], context=None, system=None
+) -> list[int]:
     """Prompt ids for inference, built exactly as training builds them (BOS, EOS after earlier
     replies in a multi-turn history), ending with the generation prompt."""
     if template.task_type == "seq2seq":
@@ -154,8 +156,7 @@ def _fit(build: Callable, example: Example, tokenizer, max_length: int):
         return encoded, False
     if not example.context:
         return Dropped(
-            f"too long: prompt+answer need {needed} tokens > max_length {max_length}"
-            " and there is no context to shorten"
+            f"too long: prompt+answer need {needed} tokens > max_length {max_length} and there is no context to shorten"
         )
     bare = build(None)
     if len(bare[0]) > max_length:
@@ -166,7 +167,7 @@ def _fit(build: Callable, example: Example, tokenizer, max_length: int):
     keep = len(spans) - (needed - max_length)
     while keep > 0:
         start = _window_start(spans, keep, example.context, example.target)
-        shortened = example.context[spans[start][0]: spans[start + keep - 1][1]]
+        shortened = example.context[spans[start][0] : spans[start + keep - 1][1]]
         encoded = build(shortened)
         over = len(encoded[0]) - max_length
         if over <= 0:
@@ -253,8 +254,13 @@ def encode_examples(
     features, stats = [], TokenizeStats(n_examples=len(examples))
     for example in examples:
         result = encode_example(
-            example, template, tokenizer, max_length=max_length,
-            train_on_prompt=train_on_prompt, system=system, task_type=task_type,
+            example,
+            template,
+            tokenizer,
+            max_length=max_length,
+            train_on_prompt=train_on_prompt,
+            system=system,
+            task_type=task_type,
         )
         if isinstance(result, Dropped):
             stats.dropped.append((example.source or example.id, result.reason))
@@ -274,8 +280,13 @@ def encode_examples(
 
 
 def render_marked_example(
-    example: Example, template: Template, tokenizer=None, *, system: str | None = None,
-    open_mark: str = "⟦", close_mark: str = "⟧",
+    example: Example,
+    template: Template,
+    tokenizer=None,
+    *,
+    system: str | None = None,
+    open_mark: str = "⟦",
+    close_mark: str = "⟧",
 ) -> str:
     """One example as the model sees it in training, trained text wrapped in ⟦ ⟧.
 
@@ -289,8 +300,10 @@ def render_marked_example(
             parts.append(text)
             continue
         eos = ""
-        if tokenizer is not None and tokenizer.eos_token and (
-            template.task_type == "seq2seq" or _needs_eos(template, text, tokenizer)
+        if (
+            tokenizer is not None
+            and tokenizer.eos_token
+            and (template.task_type == "seq2seq" or _needs_eos(template, text, tokenizer))
         ):
             eos = tokenizer.eos_token
         separator = "\n" if template.task_type == "seq2seq" else ""

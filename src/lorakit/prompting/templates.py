@@ -82,8 +82,12 @@ class Template:
         if self.uses_model_chat_template:
             turns = _chat_messages(turns, context, system_text)
         variables.update(
-            messages=turns, context=context or None, system=system_text,
-            add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+            messages=turns,
+            context=context or None,
+            system=system_text,
+            add_generation_prompt=add_generation_prompt,
+            tools=None,
+            documents=None,
         )
         try:
             return _compile(self.source).render(**variables)
@@ -177,7 +181,9 @@ def _model_chat_template(tokenizer) -> str | None:
     return source if isinstance(source, str) and source.strip() else None
 
 
-def resolve_template(config: TemplateConfig, tokenizer: PreTrainedTokenizerBase, task_type: str = "causal", has_context: bool = False) -> Template:
+def resolve_template(
+    config: TemplateConfig, tokenizer: PreTrainedTokenizerBase, task_type: str = "causal", has_context: bool = False
+) -> Template:
     """Turn the `template` config section into a Template, checked on a sample conversation.
 
     `auto` picks the tokenizer's own chat template when it has one, else `context_qa` when the
@@ -269,17 +275,18 @@ _END_MARKER = re.compile(r"\s*(<[^<>\s]+>)")  # <|im_end|>, <|eot_id|>, </s>, <e
 def _derive_stop_strings(template: Template) -> list[str]:
     """For templates we did not write: stop at the end-of-turn marker after a reply and at the
     header that opens the next user turn, both read off a rendered sample."""
-    probe = Template(template.name, template.source, [], template.uses_model_chat_template,
-                     "causal", None, template.special_tokens)
+    probe = Template(
+        template.name, template.source, [], template.uses_model_chat_template, "causal", None, template.special_tokens
+    )
     text = probe.render(_SAMPLE)
     stops = []
     a1, q2 = text.find("lorakit-a1"), text.find("lorakit-q2")
     if 0 <= a1 < q2:
-        between = text[a1 + len("lorakit-a1"):q2]
+        between = text[a1 + len("lorakit-a1") : q2]
         marker = _END_MARKER.match(between)
         if marker:
             stops.append(marker.group(1))
-            between = between[marker.end():]
+            between = between[marker.end() :]
         header = between.rstrip()
         if header.strip():
             stops.append(header if header.startswith("\n") else header.lstrip())
@@ -332,14 +339,14 @@ def render_segments(
         after = template.render(messages[: i + 1], context, system)
         if not before.startswith(done) or not after.startswith(before):
             raise _not_prefix_stable(template, i)
-        reply = after[len(before):]
+        reply = after[len(before) :]
         body = reply.rstrip()
-        segments += [(before[len(done):], False), (body, True), (reply[len(body):], False)]
+        segments += [(before[len(done) :], False), (body, True), (reply[len(body) :], False)]
         done = after
     full = template.render(messages, context, system, add_generation_prompt=add_generation_prompt)
     if not full.startswith(done):
         raise _not_prefix_stable(template, len(messages) - 1)
-    segments.append((full[len(done):], False))
+    segments.append((full[len(done) :], False))
     merged: list[tuple[str, bool]] = []
     for text, trained in segments:
         if merged and not trained and not merged[-1][1]:

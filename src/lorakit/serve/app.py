@@ -13,7 +13,6 @@ the same decoding settings are generated together, up to `max_batch_size` prompt
 # No `from __future__ import annotations` here: FastAPI reads the route annotations (Request)
 # at definition time, and those names are imported lazily inside create_app.
 
-
 import asyncio
 import gc
 import json
@@ -70,14 +69,22 @@ class _Server:
 
     def model(self, name: str) -> ServedModel:
         if name not in self.models:
-            raise APIError(404, f"the model '{name}' does not exist; served: {', '.join(self.models)}.",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model '{name}' does not exist; served: {', '.join(self.models)}.",
+                param="model",
+                code="model_not_found",
+            )
         return self.models[name]
 
     def check_limit(self, requested: int | None) -> None:
         if requested is not None and requested > self.max_tokens_limit:
-            raise APIError(400, f"max_tokens={requested} exceeds this server's limit of {self.max_tokens_limit}.",
-                           param="max_tokens", code="max_tokens_exceeded")
+            raise APIError(
+                400,
+                f"max_tokens={requested} exceeds this server's limit of {self.max_tokens_limit}.",
+                param="max_tokens",
+                code="max_tokens_exceeded",
+            )
 
     def budget(self, served: ServedModel, prompt_tokens: int, requested: int | None, default: int) -> int:
         """max_tokens for a request, after checking it against the limit and the model's context."""
@@ -90,7 +97,8 @@ class _Server:
                 400,
                 f"this model's context is {context} tokens, but the prompt has {prompt_tokens} and "
                 f"{wanted} more were requested; shorten the messages or lower max_tokens.",
-                param="messages" if requested is None else "max_tokens", code="context_length_exceeded",
+                param="messages" if requested is None else "max_tokens",
+                code="context_length_exceeded",
             )
         return wanted
 
@@ -142,8 +150,15 @@ class _Server:
             if not result.done() or result.cancelled():
                 job.cancel()
 
-    def stream(self, job: Job, on_done: Callable[[str, int], None], render: Callable[[str], dict],
-               finish: Callable[[str], dict], extra_end: Callable[[int], list[dict]], opening: dict | None = None):
+    def stream(
+        self,
+        job: Job,
+        on_done: Callable[[str, int], None],
+        render: Callable[[str], dict],
+        finish: Callable[[str], dict],
+        extra_end: Callable[[int], list[dict]],
+        opening: dict | None = None,
+    ):
         """An SSE response: an opening chunk (chat: the role), one chunk per text piece, a finish
         chunk, optional usage (the tokens the worker generated), then [DONE]."""
         from starlette.background import BackgroundTask
@@ -278,11 +293,15 @@ def create_app(paths: list[str], settings: ServeConfig | None = None, *, device:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return state.stream(
-                job, finished(request, served.name, prompt_tokens),
+                job,
+                finished(request, served.name, prompt_tokens),
                 lambda piece: chat_chunk(rid, served.name, created, {"content": piece}),
                 lambda reason: chat_chunk(rid, served.name, created, {}, reason),
-                lambda out: [usage_chunk(rid, served.name, created, "chat.completion.chunk", prompt_tokens, out)]
-                if include_usage else [],
+                lambda out: (
+                    [usage_chunk(rid, served.name, created, "chat.completion.chunk", prompt_tokens, out)]
+                    if include_usage
+                    else []
+                ),
                 opening=chat_chunk(rid, served.name, created, {"role": "assistant", "content": ""}),
             )
         gens = await state.generate(job, request)
@@ -295,17 +314,20 @@ def create_app(paths: list[str], settings: ServeConfig | None = None, *, device:
     @app.post("/v1/completions")
     async def completions(request: Request):
         req, served, prompts, counts, max_new = await state.off_loop(
-            state.prepare_completion, await request.body(), request.state)
+            state.prepare_completion, await request.body(), request.state
+        )
         job = Job(served, prompts, max_new, req.temperature, req.top_p, req.stop_strings())
         rid, created = new_id("cmpl"), int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return state.stream(
-                job, finished(request, served.name, counts[0]),
+                job,
+                finished(request, served.name, counts[0]),
                 lambda piece: completion_chunk(rid, served.name, created, piece),
                 lambda reason: completion_chunk(rid, served.name, created, "", reason),
-                lambda out: [usage_chunk(rid, served.name, created, "text_completion", counts[0], out)]
-                if include_usage else [],
+                lambda out: (
+                    [usage_chunk(rid, served.name, created, "text_completion", counts[0], out)] if include_usage else []
+                ),
             )
         gens = await state.generate(job, request)
         if gens is None:
@@ -317,8 +339,9 @@ def create_app(paths: list[str], settings: ServeConfig | None = None, *, device:
     return app
 
 
-def run_server(paths: list[str], settings: ServeConfig | None = None, *, device: str | None = None,
-               **overrides) -> None:
+def run_server(
+    paths: list[str], settings: ServeConfig | None = None, *, device: str | None = None, **overrides
+) -> None:
     """Load the models and serve them with uvicorn (at settings.host:settings.port) until interrupted.
 
     Args: as create_app.
@@ -356,5 +379,7 @@ def _check_port(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(infos[0][4])
     except OSError as exc:
-        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}.",
-                         hint="choose another --port, or stop the program using this one") from None
+        raise ServeError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}.",
+            hint="choose another --port, or stop the program using this one",
+        ) from None

@@ -13,8 +13,12 @@ API_KEY_ENV = "LORAKIT_API_KEY"
 
 
 def _too_large(limit: int) -> APIError:
-    return APIError(413, f"the request body is larger than this server's limit of {limit} bytes; send a shorter "
-                         f"prompt, or start the server with a larger --max-body-bytes.", code="request_too_large")
+    return APIError(
+        413,
+        f"the request body is larger than this server's limit of {limit} bytes; send a shorter "
+        f"prompt, or start the server with a larger --max-body-bytes.",
+        code="request_too_large",
+    )
 
 
 class _Guard:
@@ -41,8 +45,9 @@ class _Guard:
         if self.api_key and scope["path"] != "/health":
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                refusal = APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'.",
-                                   code="invalid_api_key")
+                refusal = APIError(
+                    401, "missing or wrong API key; send 'Authorization: Bearer <key>'.", code="invalid_api_key"
+                )
         length = headers.get("content-length", "")
         if refusal is None and length.isdigit() and int(length) > self.limit:
             refusal = _too_large(self.limit)  # refused before a byte of the body is read
@@ -70,7 +75,16 @@ class _Guard:
             _log(scope["method"], scope["path"], status[0], started)
 
 
-def _log(method: str, path: str, status: int, started: float, model: str = "-", tokens_in: int = 0,
-         tokens_out: int = 0) -> None:
-    logger.info("%s %s status=%s model=%s tokens_in=%d tokens_out=%d latency_ms=%.1f", method, path, status, model,
-                tokens_in, tokens_out, (time.perf_counter() - started) * 1000)
+def _log(
+    method: str, path: str, status: int, started: float, model: str = "-", tokens_in: int = 0, tokens_out: int = 0
+) -> None:
+    logger.info(
+        "%s %s status=%s model=%s tokens_in=%d tokens_out=%d latency_ms=%.1f",
+        method,
+        path,
+        status,
+        model,
+        tokens_in,
+        tokens_out,
+        (time.perf_counter() - started) * 1000,
+    )

@@ -17,8 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 class APIError(Exception):
     """A request the server refuses: becomes an OpenAI-style error body with this status code."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -30,8 +37,9 @@ class APIError(Exception):
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
-def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -82,11 +90,16 @@ class _Decoding(_Request):
     def check_supported(self) -> None:
         """Refuse the options this server cannot honour rather than silently ignoring them."""
         if self.n != 1:
-            raise APIError(400, f"n={self.n} is not supported; this server returns one choice per request.",
-                           param="n", code="unsupported_parameter")
+            raise APIError(
+                400,
+                f"n={self.n} is not supported; this server returns one choice per request.",
+                param="n",
+                code="unsupported_parameter",
+            )
         if self.logprobs not in (None, False, 0):
-            raise APIError(400, "logprobs are not supported by this server.", param="logprobs",
-                           code="unsupported_parameter")
+            raise APIError(
+                400, "logprobs are not supported by this server.", param="logprobs", code="unsupported_parameter"
+            )
         if len(self.stop_strings()) > 4:
             raise APIError(400, "at most 4 stop sequences are allowed.", param="stop")
 
@@ -107,8 +120,9 @@ class ChatCompletionRequest(_Decoding):
             role = "system" if message.role == "developer" else message.role
             turns.append({"role": role, "content": message.text()})
         if turns[-1]["role"] == "assistant":
-            raise APIError(400, "the last message must come from the user (or system), not the assistant.",
-                           param="messages")
+            raise APIError(
+                400, "the last message must come from the user (or system), not the assistant.", param="messages"
+            )
         if not any(t["role"] == "user" for t in turns):
             raise APIError(400, "messages holds no user message.", param="messages")
         return turns
@@ -152,13 +166,13 @@ def parse_request(model: type[BaseModel], raw: bytes):
     except ValidationError as exc:
         first = exc.errors()[0]
         if first["type"] == "json_invalid":
-            raise APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}.") from None
+            raise APIError(
+                400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}."
+            ) from None
         if first["type"] == "model_type":
             raise APIError(400, "the request body must be a JSON object.") from None
         param = ".".join(str(p) for p in first["loc"]) or None
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5]
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
         raise APIError(400, f"invalid request: {problems}.", param=param) from None
 
 
@@ -170,48 +184,79 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def chat_response(rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-                  completion_tokens: int) -> dict:
     return {
-        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": None, "finish_reason": finish_reason}],
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def chat_response(
+    rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+) -> dict:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None = None) -> dict:
     return {
-        "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
     }
 
 
-def completion_response(rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int,
-                        completion_tokens: int) -> dict:
+def completion_response(
+    rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int
+) -> dict:
     return {
-        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                    for i, (text, reason) in enumerate(choices)],
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+            for i, (text, reason) in enumerate(choices)
+        ],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None) -> dict:
     return {
-        "id": rid, "object": "text_completion", "created": created, "model": model,
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
     }
 
 
 def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
     """The extra last chunk sent when stream_options.include_usage is set: no choices, only usage."""
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def model_card(name: str, created: int, base: str | None) -> dict:

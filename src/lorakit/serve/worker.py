@@ -116,8 +116,12 @@ class BatchWorker:
                 logger.exception("the generation worker failed on a job for %s", job.model.name)
 
     def _take(self, job: Job, first: Job, size: int) -> bool:
-        return (job is not None and not job.cancelled and job.batch_key == first.batch_key
-                and size + len(job.prompts) <= self.max_batch_size)
+        return (
+            job is not None
+            and not job.cancelled
+            and job.batch_key == first.batch_key
+            and size + len(job.prompts) <= self.max_batch_size
+        )
 
     def _gather(self, first: Job) -> list[Job]:
         """`first` plus compatible jobs already held or arriving within max_wait."""
@@ -156,8 +160,12 @@ class BatchWorker:
         self.batch_sizes[len(prompts)] += 1
         try:
             generations = first.model.predictor.generate_prompts(
-                prompts, max_new_tokens=first.max_new_tokens, temperature=first.temperature,
-                top_p=first.top_p, batch_size=len(prompts), stop_strings=first.stop,
+                prompts,
+                max_new_tokens=first.max_new_tokens,
+                temperature=first.temperature,
+                top_p=first.top_p,
+                batch_size=len(prompts),
+                stop_strings=first.stop,
                 cancelled=lambda i: owners[i].cancelled,
             )
         except Exception as exc:  # a failed generation fails its requests, never the server
@@ -173,8 +181,12 @@ class BatchWorker:
     def _stream(self, job: Job) -> None:
         try:
             pieces = job.model.predictor.stream_prompt(
-                job.prompts[0], max_new_tokens=job.max_new_tokens, temperature=job.temperature,
-                top_p=job.top_p, stop_strings=job.stop, stopping_criteria=[_StreamWatch(job)],
+                job.prompts[0],
+                max_new_tokens=job.max_new_tokens,
+                temperature=job.temperature,
+                top_p=job.top_p,
+                stop_strings=job.stop,
+                stopping_criteria=[_StreamWatch(job)],
             )
             for piece in pieces:
                 if job.cancelled:  # the client went away: stop sending to it
@@ -233,7 +245,7 @@ def _public_name(base: str | None) -> str | None:
 
 
 def _split_spec(spec: str) -> tuple[str | None, str]:
-    """"NAME=PATH" -> (NAME, PATH); a plain path -> (None, path). A path may itself hold '='."""
+    """ "NAME=PATH" -> (NAME, PATH); a plain path -> (None, path). A path may itself hold '='."""
     name, sep, path = spec.partition("=")
     if sep and name and "/" not in name and "\\" not in name and not Path(spec).exists():
         return name, path
@@ -246,8 +258,15 @@ def _base_key(info) -> tuple | None:
         return None
     base = info.base
     quantization = info.config.model.quantization if info.config is not None else "none"
-    return (base.get("name_or_path"), base.get("gguf_file"), base.get("revision"), base.get("sha256"),
-            info.task_type, info.precision, quantization)
+    return (
+        base.get("name_or_path"),
+        base.get("gguf_file"),
+        base.get("revision"),
+        base.get("sha256"),
+        info.task_type,
+        info.precision,
+        quantization,
+    )
 
 
 def load_models(specs: list[str], *, device: str | None = None) -> dict[str, ServedModel]:
@@ -286,10 +305,19 @@ def load_models(specs: list[str], *, device: str | None = None) -> dict[str, Ser
             adapter_name = f"served_{len(served)}"  # model ids may hold '.', which peft names may not
             host.model.load_adapter(str(info.adapter_dir), adapter_name=adapter_name)
             predictor = Predictor(
-                host.model, run_tokenizer(info, fallback=host.tokenizer), info.template,
-                task_type=info.task_type, name=name, adapter_name=adapter_name, max_length=info.max_length,
+                host.model,
+                run_tokenizer(info, fallback=host.tokenizer),
+                info.template,
+                task_type=info.task_type,
+                name=name,
+                adapter_name=adapter_name,
+                max_length=info.max_length,
             )
             logger.info("model %s shares the base weights already loaded for %s", name, host.name)
-        served[name] = ServedModel(name=name, predictor=predictor, base=_public_name(info.base.get("name_or_path")),
-                                   created=int(Path(path).stat().st_mtime))
+        served[name] = ServedModel(
+            name=name,
+            predictor=predictor,
+            base=_public_name(info.base.get("name_or_path")),
+            created=int(Path(path).stat().st_mtime),
+        )
     return served

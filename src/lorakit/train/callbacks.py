@@ -85,8 +85,14 @@ class RichProgressCallback(TrainerCallback):
     `clock` (seconds, monotonic) is injectable so the interval can be tested without waiting.
     """
 
-    def __init__(self, console=None, *, interval_s: float = 30.0, interval_fraction: float = 0.1,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        console=None,
+        *,
+        interval_s: float = 30.0,
+        interval_fraction: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         from rich.console import Console
 
         self.console = console or Console(stderr=True)
@@ -129,8 +135,7 @@ class RichProgressCallback(TrainerCallback):
             self.progress.update(self.task, completed=state.global_step, status=self._status)
         elif not self.console.is_terminal:
             every_steps = max(1, math.ceil(state.max_steps * self.interval_fraction))
-            if (self.clock() - self._line_time >= self.interval_s
-                    or state.global_step - self._line_step >= every_steps):
+            if self.clock() - self._line_time >= self.interval_s or state.global_step - self._line_step >= every_steps:
                 self._plain_line(state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -146,7 +151,9 @@ class RichProgressCallback(TrainerCallback):
             parts.append(f"{speed:,.0f} tok/s")
             self._status = "  ".join(parts)
         if "eval_loss" in logs:
-            self.console.print(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}", markup=False, highlight=False)
+            self.console.print(
+                f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}", markup=False, highlight=False
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is None and not self.console.is_terminal and state.global_step != self._line_step:
@@ -228,8 +235,10 @@ class InterruptCallback(TrainerCallback):
             self._extra_ctrl_c += 1
             if self._extra_ctrl_c >= 2:
                 raise KeyboardInterrupt  # the user insists: quit now, saving nothing
-        _say(f"{name} ignored: already stopping; the checkpoint is written after the current step"
-             + (" (press Ctrl-C once more to quit without saving)." if signum == signal.SIGINT else "."))
+        _say(
+            f"{name} ignored: already stopping; the checkpoint is written after the current step"
+            + (" (press Ctrl-C once more to quit without saving)." if signum == signal.SIGINT else ".")
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.signum is not None and self.stopped_at is None:
@@ -277,7 +286,9 @@ class CheckpointCompletionCallback(TrainerCallback):
         from ..runs import mark_checkpoint_complete
 
         mark_checkpoint_complete(self._folder(args, state), state.global_step)
-        rotate_checkpoints(str(args.output_dir), save_total_limit=self.keep, best_model_checkpoint=state.best_model_checkpoint)
+        rotate_checkpoints(
+            str(args.output_dir), save_total_limit=self.keep, best_model_checkpoint=state.best_model_checkpoint
+        )
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -337,7 +348,11 @@ class NonFiniteGuard(TrainerCallback):
             checks = [torch.isfinite(g).all() for g in grads] + [torch.isfinite(x.float()).all() for x in self._losses]
             if checks and not bool(torch.stack(checks).all()):
                 loss = self._loss()
-                what = "the loss is not a finite number" if loss is not None and not math.isfinite(loss) else "the gradients are not finite"
+                what = (
+                    "the loss is not a finite number"
+                    if loss is not None and not math.isfinite(loss)
+                    else "the gradients are not finite"
+                )
                 raise NonFiniteTraining(state.global_step + 1, what, loss)
         return control
 
@@ -345,6 +360,8 @@ class NonFiniteGuard(TrainerCallback):
         if model is not None:
             params = [p for p in model.parameters() if p.requires_grad]
             if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-                raise NonFiniteTraining(state.global_step + 1, "the optimizer step made the LoRA weights NaN or infinite", self._loss())
+                raise NonFiniteTraining(
+                    state.global_step + 1, "the optimizer step made the LoRA weights NaN or infinite", self._loss()
+                )
         self._losses = []
         return control

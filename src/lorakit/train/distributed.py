@@ -41,8 +41,15 @@ def barrier() -> None:
 def torchrun_command(config: Path, overrides: list[str], *, resume: bool, nproc: int) -> list[str]:
     """The command line that runs `lorakit train` in `nproc` processes on this machine."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "lorakit.cli", "train", str(config),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "lorakit.cli",
+        "train",
+        str(config),
     ]
     for override in overrides:
         command += ["--set", override]

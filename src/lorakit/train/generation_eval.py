@@ -56,13 +56,22 @@ def make_generation_eval(
         was_training = model.training
         model.eval()
         predictor = Predictor(
-            model, tokenizer, template, task_type=task_type, name="validation",
+            model,
+            tokenizer,
+            template,
+            task_type=task_type,
+            name="validation",
             max_length=config.template.max_length,  # the system prompt is the template's own
         )
         try:
             _, metrics = score_examples(
-                predictor, subset, decoding=decoding, no_answer=config.data.no_answer,
-                bleu_tokenize=config.eval.bleu_tokenize, lang=config.eval.lang, perplexity=False,
+                predictor,
+                subset,
+                decoding=decoding,
+                no_answer=config.data.no_answer,
+                bleu_tokenize=config.eval.bleu_tokenize,
+                lang=config.eval.lang,
+                perplexity=False,
             )
         finally:
             if was_training:

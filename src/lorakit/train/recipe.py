@@ -91,7 +91,9 @@ def train(
         config = _auto_fit(config)
 
     def attempt(current: LorakitConfig) -> RunPaths:
-        return _train(current, resume=resume, allow_config_change=allow_config_change, on_log=on_log, callbacks=callbacks)
+        return _train(
+            current, resume=resume, allow_config_change=allow_config_change, on_log=on_log, callbacks=callbacks
+        )
 
     return run_with_oom_backoff(attempt, config, log=logger.warning)
 
@@ -248,7 +250,9 @@ def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_l
             raise TrainingInterrupted(
                 f"training stopped at once at step {trainer.state.global_step}; nothing was saved"
                 + (f" (the newest complete checkpoint is {saved})." if saved else ", and there is no checkpoint."),
-                hint=f"continue with `lorakit train CONFIG --resume` (run folder {paths.root})" if saved else "train again",
+                hint=f"continue with `lorakit train CONFIG --resume` (run folder {paths.root})"
+                if saved
+                else "train again",
             ) from None
         except NonFiniteTraining as exc:
             raise _non_finite_error(exc, config, paths) from None
@@ -264,13 +268,25 @@ def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_l
             )
         if not main:
             return paths
-        return _save(trainer, config, paths, tokenizer, template, task_type, precision, model,
-                     n_train=len(train_features), n_eval=len(eval_features))
+        return _save(
+            trainer,
+            config,
+            paths,
+            tokenizer,
+            template,
+            task_type,
+            precision,
+            model,
+            n_train=len(train_features),
+            n_eval=len(eval_features),
+        )
     finally:
         interrupt.uninstall()
 
 
-def _save(trainer, config, paths: RunPaths, tokenizer, template, task_type, precision, model, *, n_train, n_eval) -> RunPaths:
+def _save(
+    trainer, config, paths: RunPaths, tokenizer, template, task_type, precision, model, *, n_train, n_eval
+) -> RunPaths:
     """Adapter + tokenizer + metadata, the curve, then (for train.overwrite) the swap into place."""
     from ..models.identity import base_model_identity
 
@@ -340,7 +356,9 @@ def _non_finite_error(exc: NonFiniteTraining, config: LorakitConfig, paths: RunP
     where = f"; the last good checkpoint is {good}" if good else "; no checkpoint was kept"
     hint = f"lower train.learning_rate (now {config.train.learning_rate:g}), or check the base model weights, the data and model.precision"
     if good:
-        hint += ", then continue with `lorakit train CONFIG --resume --allow-config-change --set train.learning_rate=...`"
+        hint += (
+            ", then continue with `lorakit train CONFIG --resume --allow-config-change --set train.learning_rate=...`"
+        )
     else:
         hint += ", then train again"
     return RunError(
