@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..config import EvalConfig, TemplateConfig, default_of
 from ..errors import ModelError, RunError
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # annotations only: importing transformers here would cost ev
 _POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
-def _max_context(model, tokenizer, max_length: int | None) -> int:
+def _max_context(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> int:
     """The longest prompt + completion the model can take: its positions, else the tokenizer's limit."""
     config = getattr(model, "config", None)
     for attr in _POSITION_ATTRS:
@@ -80,7 +80,7 @@ class Predictor:
 
     # --- prompts ------------------------------------------------------------------------------
 
-    def prompt_for(self, messages: list[dict], context: str | None = None) -> str:
+    def prompt_for(self, messages: list[dict[str, Any]], context: str | None = None) -> str:
         """The rendered prompt text for a conversation (ending where the reply begins)."""
         from ..prompting.templates import render_prompt
 
@@ -89,7 +89,9 @@ class Predictor:
     def count_tokens(self, text: str) -> int:
         return len(encode_prompt(self.tokenizer, text, self.task_type))
 
-    def prompt_ids(self, messages: list[dict], context: str | None = None, *, max_new_tokens: int = 0) -> list[int]:
+    def prompt_ids(
+        self, messages: list[dict[str, Any]], context: str | None = None, *, max_new_tokens: int = 0
+    ) -> list[int]:
         """Prompt ids built exactly as training built them; a context that makes the prompt too
         long is cut (keeping its start, as nothing may peek at the answer here).
 
@@ -158,11 +160,11 @@ class Predictor:
 
     def generate(
         self,
-        conversations: list[list[dict]],
+        conversations: list[list[dict[str, Any]]],
         contexts: Sequence[str | None] | None = None,
         *,
         max_new_tokens: int = default_of(EvalConfig, "max_new_tokens"),
-        **decoding,
+        **decoding: Any,
     ) -> list[Generation]:
         """One reply per conversation (its prompt messages), rendered with the stored template.
 
@@ -194,7 +196,7 @@ class Predictor:
         stop_strings: Sequence[str] | None = None,
         seed: int | None = None,
         batch_size: int | None = None,  # accepted so the same decoding options work everywhere
-        stopping_criteria: Sequence = (),
+        stopping_criteria: Sequence[Any] = (),
     ) -> Iterator[str]:
         """Yield the completion of a raw prompt piece by piece."""
         self._activate()
@@ -212,7 +214,7 @@ class Predictor:
         )
 
     def stream(
-        self, messages: list[dict], context: str | None = None, *, max_new_tokens: int = 256, **decoding
+        self, messages: list[dict[str, Any]], context: str | None = None, *, max_new_tokens: int = 256, **decoding: Any
     ) -> Iterator[str]:
         """Yield the reply to a conversation piece by piece.
 
@@ -238,7 +240,7 @@ class Predictor:
         return isinstance(self.model, PeftModel)
 
     @contextmanager
-    def base_model(self):
+    def base_model(self) -> Iterator[Predictor]:
         """Inside this block the LoRA adapter is off: the same template and decoding, base weights.
 
         Raises:
@@ -250,7 +252,8 @@ class Predictor:
                 hint="evaluate the run folder the adapter came from to compare against the base model",
             )
         self._activate()
-        with self.model.disable_adapter():
+        # a PeftModel here (has_adapter checked above), though typed as the PreTrainedModel it wraps
+        with self.model.disable_adapter():  # type: ignore[operator]
             yield self
 
 
@@ -286,11 +289,12 @@ def _load_plain(folder: Path, device: str) -> Predictor:
     task_type = detect_task_type(model_config)
     template = resolve_template(TemplateConfig(name="chat"), tokenizer, task_type)
     dtype, _ = choose_precision("auto", device)
-    model = load_base_model(model_config, task_type, dtype=dtype, device=device).eval()
+    model = load_base_model(model_config, task_type, dtype=dtype, device=device)
+    model.eval()  # type: ignore[no-untyped-call]  # transformers leaves nn.Module.eval unannotated here
     return Predictor(model, tokenizer, template, task_type=task_type, name=folder.resolve().name)
 
 
-def load_predictor(path: str | os.PathLike, *, device: str | None = None, adapter: bool = True) -> Predictor:
+def load_predictor(path: str | os.PathLike[str], *, device: str | None = None, adapter: bool = True) -> Predictor:
     """Load a run folder, its adapter folder, or a merged model folder, ready to generate.
 
     Args:

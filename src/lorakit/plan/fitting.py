@@ -5,10 +5,11 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
 from ..config import LorakitConfig
 from ..errors import ModelError
-from .devices import gpu_spec
+from .devices import GpuSpec, gpu_spec
 from .estimate import DataLengths, _task_type, data_lengths, estimate_memory
 from .memory import (
     fmt_bytes,
@@ -16,16 +17,19 @@ from .memory import (
 from .shape import ModelShape, read_model_shape
 
 logger = logging.getLogger("lorakit.plan")
+T = TypeVar("T")  # what the wrapped run returns (train: RunPaths)
 
 
-def _fits(config, shape, spec, lengths, max_length: int | None = None) -> bool:
+def _fits(
+    config: LorakitConfig, shape: ModelShape, spec: GpuSpec, lengths: DataLengths, max_length: int | None = None
+) -> bool:
     limit = max_length or config.template.max_length
     seq = min(max(lengths.lengths), limit) if lengths.lengths else limit
     target = min(max(lengths.target_lengths), limit) if lengths.target_lengths else None
-    return estimate_memory(config, shape, spec, seq, target).total <= spec.memory_bytes
+    return bool(estimate_memory(config, shape, spec, seq, target).total <= spec.memory_bytes)
 
 
-def _largest_micro_batch(config, shape, spec, lengths) -> int | None:
+def _largest_micro_batch(config: LorakitConfig, shape: ModelShape, spec: GpuSpec, lengths: DataLengths) -> int | None:
     """The largest divisor of the effective batch that fits, so the effective batch stays exact."""
     effective = config.train.micro_batch_size * config.train.gradient_accumulation
     for micro in sorted((d for d in range(1, effective + 1) if effective % d == 0), reverse=True):
@@ -149,8 +153,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def run_with_oom_backoff(
-    run_fn: Callable[[LorakitConfig], object], config: LorakitConfig, log: Callable[[str], None] = logger.warning
-):
+    run_fn: Callable[[LorakitConfig], T], config: LorakitConfig, log: Callable[[str], None] = logger.warning
+) -> T:
     """Call run_fn(config); on an out-of-memory error, halve the micro-batch (doubling the gradient
     accumulation, so the effective batch is unchanged) and call it again, down to micro-batch 1.
 
