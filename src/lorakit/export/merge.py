@@ -29,8 +29,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ModelError, RunError
+
+if TYPE_CHECKING:  # annotations only: no torch or transformers on import
+    import torch
+
+    from ..prompting.templates import Template
+    from ..run_metadata import RunInfo
 from .verify import (
     FLOOR_FACTOR,
     TOLERANCES,
@@ -60,7 +67,7 @@ class MergeReport:
     seconds: float = 0.0
     dtype_noise_floor: float | None = None  # float16/bfloat16: base + adapter itself in that dtype
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
@@ -87,7 +94,7 @@ def _jinja_string(text: str | None) -> str:
     return "none" if text is None else json.dumps(text, ensure_ascii=False)
 
 
-def hf_chat_template(template) -> str:
+def hf_chat_template(template: Template) -> str:
     """Translate a lorakit Template into a transformers chat template with the same output.
 
     transformers passes `messages` (system turns included), `add_generation_prompt`, the special
@@ -125,7 +132,7 @@ def hf_chat_template(template) -> str:
 # --- merging -------------------------------------------------------------------------------------
 
 
-def _check_dtype(dtype: str):
+def _check_dtype(dtype: str) -> torch.dtype:
     import torch
 
     if dtype.lower() in _QUANTIZED:
@@ -151,7 +158,7 @@ def _relation(out: Path, folder: Path) -> str | None:
     return "contains" if b.is_relative_to(a) else None
 
 
-def _prepare_out_dir(out: Path, info, overwrite: bool) -> None:
+def _prepare_out_dir(out: Path, info: RunInfo, overwrite: bool) -> None:
     protected = [("the run", info.root)]
     base = info.base.get("name_or_path")
     if base and Path(base).is_dir():  # a local base (a hub id has no folder here)
@@ -176,8 +183,8 @@ def _prepare_out_dir(out: Path, info, overwrite: bool) -> None:
 
 
 def merge_run(
-    path: str | os.PathLike,
-    out_dir: str | os.PathLike,
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
     *,
     dtype: str = "float32",
     verify_inputs: list[str] | None = None,
@@ -220,7 +227,8 @@ def merge_run(
     started = time.perf_counter()
     torch_dtype = _check_dtype(dtype)
     info = read_run(path)
-    if info.is_merged:
+    adapter_dir = info.adapter_dir
+    if adapter_dir is None:  # a merged model folder (info.is_merged)
         raise RunError(
             f"'{path}' is already a merged model (it has no adapter to merge).",
             hint="merge a run folder written by `lorakit train`",
@@ -264,7 +272,7 @@ def merge_run(
             extra={
                 "merged_from": {
                     "run": str(info.root.resolve()),
-                    "adapter": str(info.adapter_dir.resolve()),
+                    "adapter": str(adapter_dir.resolve()),
                     "dtype": dtype,
                     "base_quantization_in_training": quantization,
                 }
@@ -277,17 +285,20 @@ def merge_run(
         auto = AutoModelForSeq2SeqLM if info.task_type == "seq2seq" else AutoModelForCausalLM
         reloaded = auto.from_pretrained(str(tmp), dtype=torch_dtype)
         if device is not None:
-            reloaded = reloaded.to(device)
+            # transformers wraps nn.Module.to in a decorator whose type hides the signature
+            reloaded = reloaded.to(device)  # type: ignore[arg-type]
         atol, rtol = TOLERANCES[dtype]
         result = compare_logits(reference, _logits(reloaded, tokenizer, prompts, info.task_type), atol, rtol)
         del reloaded
-        floor = None
+        floor: float | None = None
         if dtype != "float32":
             # what the precision alone costs: base + adapter, unmerged, run in the same dtype
             unmerged = load_run(info, device=device or "cpu", dtype=torch_dtype, quantize=False).model
-            floor = compare_logits(reference, _logits(unmerged, tokenizer, prompts, info.task_type), atol, rtol)
+            unmerged_result = compare_logits(
+                reference, _logits(unmerged, tokenizer, prompts, info.task_type), atol, rtol
+            )
             del unmerged
-            floor = floor["max_abs_diff"]
+            floor = float(unmerged_result["max_abs_diff"])
             result["passed"] = result["passed"] or result["max_abs_diff"] <= FLOOR_FACTOR * floor + atol
         report = MergeReport(
             out_dir=str(out),
