@@ -11,13 +11,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..data.example import Example
 from ..errors import EvalError
 
 if TYPE_CHECKING:
     from ..inference.predictor import Predictor
+    from ..run_metadata import RunInfo
 
 SPLITS = ("train", "validation", "test")
 logger = logging.getLogger("lorakit.evaluate")
@@ -32,7 +33,9 @@ def _references(example: Example) -> list[str]:
     return [example.target] if example.target else []
 
 
-def _examples(path: str, info, data: str | None, split: str, no_answer: str) -> tuple[list[Example], str]:
+def _examples(
+    path: str, info: RunInfo | None, data: str | None, split: str, no_answer: str
+) -> tuple[list[Example], str]:
     """(examples, a description of where they came from)."""
     from ..data import load_examples, load_splits
 
@@ -54,7 +57,7 @@ def _examples(path: str, info, data: str | None, split: str, no_answer: str) -> 
     return examples, f"{split} split of {info.config.data.path}"
 
 
-def _scored_record(example: Example, prediction: str, *, no_answer: str, lang: str | None = None) -> dict:
+def _scored_record(example: Example, prediction: str, *, no_answer: str, lang: str | None = None) -> dict[str, Any]:
     """One line of predictions.jsonl: the example, its references, the prediction and its scores."""
     from .metrics import score_example
 
@@ -73,12 +76,12 @@ def score_examples(
     predictor: Predictor,
     examples: list[Example],
     *,
-    decoding: dict,
+    decoding: dict[str, Any],
     no_answer: str,
     bleu_tokenize: str = "auto",
     lang: str | None = None,
     perplexity: bool = True,
-) -> tuple[list[dict], dict]:
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Generate, extract answers, score: (records, corpus metrics, with perplexity unless asked not to).
 
     Used by `lorakit eval` and by the generation-based validation during training.
@@ -144,7 +147,7 @@ def score_examples(
 
 
 def evaluate_path(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     data: str | None = None,
     split: str = "test",
@@ -152,10 +155,10 @@ def evaluate_path(
     max_examples: int | None = None,
     batch_size: int | None = None,
     max_new_tokens: int | None = None,
-    out_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
     device: str | None = None,
     verbose: bool = True,
-) -> dict:
+) -> dict[str, Any]:
     """Evaluate a run (or merged) folder: generate answers with its stored template, score them,
     write predictions.jsonl, metrics.json and the reports (`lorakit.evaluate`, `lorakit eval`).
 
@@ -207,14 +210,14 @@ def evaluate_path(
         )
 
     predictor = load_predictor(folder, device=device)
-    decoding = dict(
+    decoding: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens or eval_config.max_new_tokens,
         batch_size=batch_size or eval_config.batch_size,
         temperature=eval_config.temperature,
         top_p=eval_config.top_p,
         seed=config.train.seed if config is not None else 0,
     )
-    scoring = dict(
+    scoring: dict[str, Any] = dict(
         decoding=decoding, no_answer=no_answer, bleu_tokenize=eval_config.bleu_tokenize, lang=eval_config.lang
     )
     records, metrics = score_examples(predictor, examples, **scoring)
@@ -265,7 +268,7 @@ def evaluate_path(
     return {**summary, "folder": str(final)}
 
 
-def _log_summary(summary: dict, folder: Path, index: Path | None = None) -> None:
+def _log_summary(summary: dict[str, Any], folder: Path, index: Path | None = None) -> None:
     from .history import summary_lines
 
     for text in summary_lines(summary, folder, index):
@@ -329,13 +332,13 @@ def _few(ids: list[str]) -> str:
 
 
 def score_predictions(
-    predictions_file: str | os.PathLike,
-    data_file: str | os.PathLike,
+    predictions_file: str | os.PathLike[str],
+    data_file: str | os.PathLike[str],
     *,
-    out_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
     no_answer: str = "unanswerable",
     verbose: bool = True,
-) -> dict:
+) -> dict[str, Any]:
     """Score predictions made elsewhere against a dataset's references (`lorakit.score`, `lorakit score`).
 
     Args:
