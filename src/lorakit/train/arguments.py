@@ -1,6 +1,9 @@
-"""The Hugging Face `TrainingArguments` of a run: evaluation, logging and saving intervals, names checked."""
+"""What the Hugging Face Trainer is given: the `TrainingArguments` of a run (evaluation, logging and
+saving intervals, names checked) and the dataset wrapper around encoded features."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -98,3 +101,16 @@ def check_optimizer(tc) -> None:
                 hint="use train.optimizer=adamw_torch on the CPU",
             )
         require("bitsandbytes", "quant", f"train.optimizer={tc.optimizer}")
+
+
+class FeatureDataset(torch.utils.data.Dataset[dict[str, Any]]):
+    """A list of feature dicts (input_ids, attention_mask, labels), as the Trainer expects."""
+
+    def __init__(self, features: list[dict[str, Any]]) -> None:
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.features[index]

@@ -12,9 +12,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import TrainerCallback
+
+if TYPE_CHECKING:
+    from transformers import Trainer
 
 from ..runs import read_metrics
 
@@ -201,7 +205,7 @@ class InterruptCallback(TrainerCallback):
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signum: int | None = None  # the first signal received
         self.stopped_at: int | None = None  # the step after which the checkpoint was asked for
         self._extra_ctrl_c = 0
@@ -319,7 +323,7 @@ class NonFiniteGuard(TrainerCallback):
     the weights are checked.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._losses: list = []
         self._strict = True
 
@@ -365,3 +369,11 @@ class NonFiniteGuard(TrainerCallback):
                 )
         self._losses = []
         return control
+
+
+def remove_default_printers(trainer: Trainer) -> None:
+    """The rich bar replaces the Trainer's tqdm bar and its printed dicts."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)

@@ -11,8 +11,9 @@ import logging
 import shutil
 import signal
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from ..config import LorakitConfig
@@ -25,7 +26,7 @@ from ..run_metadata import (
     write_metadata,
 )
 from ..runs import RunPaths, prepare_run_dir, publish_run, read_metrics, run_dir_for
-from .arguments import build_training_args, check_optimizer
+from .arguments import FeatureDataset, build_training_args, check_optimizer
 from .callbacks import (
     CheckpointCompletionCallback,
     InterruptCallback,
@@ -33,24 +34,17 @@ from .callbacks import (
     NonFiniteGuard,
     NonFiniteTraining,
     RichProgressCallback,
+    remove_default_printers,
     truncate_metrics,
 )
 from .generation_eval import GenerationEvalTrainer
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+
+    from ..prompting.templates import Template
+
 logger = logging.getLogger("lorakit.train")  # the CLI shows these lines on stderr
-
-
-class FeatureDataset(torch.utils.data.Dataset):
-    """A list of feature dicts (input_ids, attention_mask, labels), as the Trainer expects."""
-
-    def __init__(self, features: list[dict]):
-        self.features = features
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.features[index]
 
 
 def train(
@@ -58,8 +52,8 @@ def train(
     *,
     resume: bool = False,
     allow_config_change: bool = False,
-    on_log: Callable[[dict], None] | None = None,
-    callbacks: list | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> RunPaths:
     """Train a LoRA adapter as configured and write the run folder; returns its paths.
 
@@ -114,8 +108,8 @@ def _train(
     *,
     resume: bool,
     allow_config_change: bool,
-    on_log: Callable[[dict], None] | None,
-    callbacks: list | None,
+    on_log: Callable[[dict[str, Any]], None] | None,
+    callbacks: list[TrainerCallback] | None,
 ) -> RunPaths:
     """One training attempt (see train).
 
@@ -140,8 +134,9 @@ def _train(
         logger.setLevel(logging.ERROR)
     paths = prepare_run_dir(run_dir_for(config), resume=resume, overwrite=tc.overwrite)
     checkpoint = paths.latest_checkpoint() if resume else None
-    changes = {}
+    changes: dict[str, Any] = {}
     if resume:
+        assert checkpoint is not None  # prepare_run_dir refuses a resume with no complete checkpoint
         config, changes = _resume_config(config, paths, checkpoint, allow_config_change)
         tc = config.train
     # what this attempt creates it removes again if it fails before a checkpoint exists
@@ -160,7 +155,16 @@ def _train(
         raise
 
 
-def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_log, callbacks) -> RunPaths:
+def _run(
+    config: LorakitConfig,
+    paths: RunPaths,
+    checkpoint: Path | None,
+    changes: dict[str, Any],
+    *,
+    main: bool,
+    on_log: Callable[[dict[str, Any]], None] | None,
+    callbacks: list[TrainerCallback] | None,
+) -> RunPaths:
     """Setup -> train -> save into `paths` (see _train)."""
     from transformers import EarlyStoppingCallback, set_seed
 
@@ -180,6 +184,7 @@ def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_l
     prepared = prepare(config)
     task_type, tokenizer, splits, template = prepared.task_type, prepared.tokenizer, prepared.splits, prepared.template
     train_features, stats = prepared.train_features, prepared.train_stats
+    assert stats is not None and template is not None  # prepare() encodes and resolves by default
     logger.info(f"train data ({splits.format}, split by {splits.split_by}): {stats.summary()}")
     if not train_features:
         raise DataError(
@@ -194,7 +199,7 @@ def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_l
     model = load_base_model(config.model, task_type, dtype=dtype, device=None)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model = apply_lora(model, config.lora, task_type, gradient_checkpointing=tc.gradient_checkpointing)
+    model = apply_lora(model, config.lora, task_type, gradient_checkpointing=tc.gradient_checkpointing)  # type: ignore[assignment]  # the PeftModel wraps it
     logger.info(f"LoRA: {trainable_summary(model)}")
 
     args = build_training_args(config, paths, precision, device, has_eval=bool(eval_features))
@@ -207,7 +212,7 @@ def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_l
         if checkpoint is not None:
             logger.info(f"resuming from {checkpoint}")
         atomic_write_text(paths.config, config.to_yaml())  # an interrupted run still describes itself
-        if changes:
+        if changes and checkpoint is not None:  # changes come only with a resume
             record_config_change(paths, int(checkpoint.name.split("-")[1]), changes)
         if checkpoint is not None:
             truncate_metrics(paths.metrics, int(checkpoint.name.split("-")[1]))
@@ -238,7 +243,7 @@ def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_l
         processing_class=tokenizer,
         callbacks=all_callbacks,
     )
-    _remove_default_printers(trainer)
+    remove_default_printers(trainer)
 
     # train; the signal handlers stay until the adapter is saved, so a late signal cannot tear it
     interrupt.install()
@@ -261,7 +266,7 @@ def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_l
         if interrupt.stopped_at is not None:
             kept = f"; the old run in {paths.publish_to} stays until this one finishes" if paths.publish_to else ""
             raise TrainingInterrupted(
-                f"training interrupted ({signal.Signals(interrupt.signum).name}) at step {trainer.state.global_step}; "
+                f"training interrupted ({signal.Signals(interrupt.signum or signal.SIGINT).name}) at step {trainer.state.global_step}; "
                 f"checkpoint saved to {paths.latest_checkpoint()}{kept}.",
                 hint=f"continue with `lorakit train CONFIG --resume` (same config; run folder {paths.root})",
                 exit_code=interrupt.exit_code,
@@ -285,13 +290,23 @@ def _run(config, paths: RunPaths, checkpoint, changes: dict, *, main: bool, on_l
 
 
 def _save(
-    trainer, config, paths: RunPaths, tokenizer, template, task_type, precision, model, *, n_train, n_eval
+    trainer: Trainer,
+    config: LorakitConfig,
+    paths: RunPaths,
+    tokenizer: PreTrainedTokenizerBase,
+    template: Template,
+    task_type: str,
+    precision: str,
+    model: PreTrainedModel,
+    *,
+    n_train: int,
+    n_eval: int,
 ) -> RunPaths:
     """Adapter + tokenizer + metadata, the curve, then (for train.overwrite) the swap into place."""
     from ..models.identity import base_model_identity
 
     final_root = paths.publish_to or paths.root
-    trainer.model.save_pretrained(paths.adapter)
+    trainer.model.save_pretrained(paths.adapter)  # type: ignore[union-attr,operator]  # the PeftModel it was given
     tokenizer.save_pretrained(paths.adapter)
     (paths.adapter / "README.md").unlink(missing_ok=True)  # peft's generic model card; lorakit.json describes the run
     best = trainer.state.best_model_checkpoint
@@ -320,7 +335,9 @@ def _save(
     return paths
 
 
-def _resume_config(config: LorakitConfig, paths: RunPaths, checkpoint, allow_change: bool):
+def _resume_config(
+    config: LorakitConfig, paths: RunPaths, checkpoint: Path, allow_change: bool
+) -> tuple[LorakitConfig, dict[str, Any]]:
     """The config to resume with, and the accepted changes {dotted key: (old, new)}.
 
     The run folder must describe what produced it: a config that differs from the run's own
@@ -377,11 +394,3 @@ def _clear_run(paths: RunPaths) -> None:
             shutil.rmtree(folder)
     for file in (paths.metrics, paths.config, paths.config_changes):
         file.unlink(missing_ok=True)
-
-
-def _remove_default_printers(trainer) -> None:
-    """The rich bar replaces the Trainer's tqdm bar and its printed dicts."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer.remove_callback(ProgressCallback)
-    trainer.remove_callback(PrinterCallback)
