@@ -146,6 +146,23 @@ class TrainConfig(Section):
         False, description="Recompute activations in backward: less memory, ~30% slower."
     )
     group_by_length: bool = Field(True, description="Batch examples of similar length together (less padding).")
+    packing: Literal["auto", "passages", "examples", "off"] = Field(
+        "auto",
+        description="How a micro-batch's examples share rows: passages (questions on one passage share it once, "
+        "each seeing the passage and itself only), examples (several examples per row, each seeing itself only), "
+        "off (one example per row, padded). auto: passages for causal models that accept position ids, else off.",
+    )
+    batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Token budget of a packed micro-batch (None: micro_batch_size x template.max_length, "
+        "what lorakit plan assumes); a micro-batch holds at most micro_batch_size examples.",
+    )
+    labelled_logits_only: bool = Field(
+        True,
+        description="Run the output projection and the loss only at labelled positions, in chunks "
+        "(same loss and gradients, far less memory); causal models whose logits are a plain projection.",
+    )
     report_to: list[str] = Field(default_factory=list, description="tensorboard, wandb, mlflow.")
     generation_eval_every: int | None = Field(
         None,
