@@ -8,6 +8,7 @@ eval_never_stops_rate next to eval_loss, so `train.best_metric: f1` and early st
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from transformers import Trainer
@@ -15,17 +16,59 @@ from transformers import Trainer
 from ..config import LorakitConfig
 from ..data.example import Example
 
+logger = logging.getLogger("lorakit.train")
+
 
 class GenerationEvalTrainer(Trainer):
     """A Trainer whose evaluations also carry generation metrics.
 
     The metrics are added to the evaluation loop's output, so they travel through the same path
     as eval_loss: the log, metrics.jsonl, best-checkpoint selection and EarlyStoppingCallback.
+
+    Batches with `shift_labels` (the causal collators') take lorakit's loss (train/loss.py); with
+    `labelled_logits_only` (train.labelled_logits_only) and a model whose logits are a plain
+    projection, only labelled positions go through the output projection. Other batches (seq2seq,
+    or a collator without shift_labels) keep the Trainer's own loss.
     """
 
-    def __init__(self, *args, generation_eval: Callable[[object], dict] | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        generation_eval: Callable[[object], dict] | None = None,
+        labelled_logits_only: bool = True,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
+        self.labelled_logits_only = labelled_logits_only
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "shift_labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from .loss import causal_loss
+
+        # the labelled path calls the decoder directly, which would skip a DDP/FSDP wrapper's forward
+        wrapped = self.accelerator.unwrap_model(model) is not model
+        if wrapped and self.labelled_logits_only and not getattr(self, "_told_wrapped", False):
+            self._told_wrapped = True
+            logger.info("loss: the model's own loss (the model is wrapped for distributed training)")
+        with self.accelerator.autocast():  # accelerate's mixed precision wraps only the model's forward
+            loss, outputs = causal_loss(
+                model,
+                inputs,
+                num_items_in_batch,
+                labelled_logits_only=self.labelled_logits_only and not wrapped,
+            )
+        # as Trainer.compute_loss: num_items_in_batch counted every process's tokens, and the
+        # gradients are averaged over processes, so scale the loss back up by their number
+        if (
+            self.args.average_tokens_across_devices
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+            and num_items_in_batch is not None
+        ):
+            loss_scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
 
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)
