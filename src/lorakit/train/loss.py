@@ -51,6 +51,8 @@ def unwrap_peft(model: torch.nn.Module) -> Any:
 
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype the model computes in: autocast's when it is on, else the input embeddings'."""
+    while isinstance(inner := getattr(model, "module", None), torch.nn.Module):  # DistributedDataParallel & co.
+        model = inner
     embeddings = unwrap_peft(model).get_input_embeddings()
     device_type = embeddings.weight.device.type
     if torch.is_autocast_enabled(device_type):
