@@ -182,6 +182,11 @@ class TrainConfig(Section):
     def _known_to_transformers(cls, value: str, info: ValidationInfo) -> str:
         return _check_transformers_name(str(info.field_name), value)  # set in every field validator
 
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
     @field_validator("report_to")
     @classmethod
     def _known_trackers(cls, value: list[str]) -> list[str]:

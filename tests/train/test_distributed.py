@@ -41,10 +41,15 @@ def losses(run_dir):
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_llama_dir):
     config_path = write_config(tmp_path, tiny_llama_dir)
-    # one process, micro-batch 4
-    single = train(load_config(config_path, ["train.run_name=one", "train.micro_batch_size=4"])).root
+    # one process, micro-batch 4; unpacked, because packing plans its micro-batches by their size,
+    # so 1 x 4 and 2 x 2 would group different examples into a step
+    single = train(
+        load_config(config_path, ["train.run_name=one", "train.micro_batch_size=4", "train.packing=off"])
+    ).root
     # two processes x micro-batch 2: the same 4 examples per optimizer step
-    command = torchrun_command(config_path, ["train.run_name=two", "train.micro_batch_size=2"], resume=False, nproc=2)
+    command = torchrun_command(
+        config_path, ["train.run_name=two", "train.micro_batch_size=2", "train.packing=off"], resume=False, nproc=2
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -275,7 +275,10 @@ class OutOfMemoryAboveMicroBatch(TrainerCallback):
 
 
 def test_out_of_memory_halves_micro_batch_and_keeps_effective_batch(tmp_path, llama_dir, qa_file):
-    config = make_config(tmp_path, qa_file, llama_dir, max_steps=2, micro_batch_size=4, gradient_accumulation=1)
+    # unpacked: the callback reads the micro-batch from the Trainer's per-device batch size
+    config = make_config(
+        tmp_path, qa_file, llama_dir, max_steps=2, micro_batch_size=4, gradient_accumulation=1, packing="off"
+    )
     oom = OutOfMemoryAboveMicroBatch(limit=1)
     paths = train(config, callbacks=[oom])
     assert oom.seen[0] == 4 and oom.seen[-1] == 1  # 4 -> 2 -> 1

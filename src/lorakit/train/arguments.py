@@ -41,8 +41,14 @@ def _intervals(config: LorakitConfig, has_eval: bool) -> dict:
     return out
 
 
-def build_training_args(config: LorakitConfig, paths: RunPaths, precision: str, device: str, *, has_eval: bool):
-    """TrainingArguments from the train section (transformers 5.x names)."""
+def build_training_args(
+    config: LorakitConfig, paths: RunPaths, precision: str, device: str, *, has_eval: bool, packed: bool = False
+):
+    """TrainingArguments from the train section (transformers 5.x names).
+
+    packed: the datasets' items are whole micro-batches (train/batching.py), so the Trainer takes
+    one item per step and samples them at random (lengths are already grouped by the packing).
+    """
     from transformers import TrainingArguments
 
     tc = config.train
@@ -51,8 +57,8 @@ def build_training_args(config: LorakitConfig, paths: RunPaths, precision: str, 
         output_dir=str(paths.checkpoints),
         num_train_epochs=tc.epochs,
         max_steps=tc.max_steps,
-        per_device_train_batch_size=tc.micro_batch_size,
-        per_device_eval_batch_size=tc.micro_batch_size,
+        per_device_train_batch_size=1 if packed else tc.micro_batch_size,
+        per_device_eval_batch_size=1 if packed else tc.micro_batch_size,
         gradient_accumulation_steps=tc.gradient_accumulation,
         learning_rate=tc.learning_rate,
         lr_scheduler_type=tc.lr_scheduler,
@@ -66,7 +72,7 @@ def build_training_args(config: LorakitConfig, paths: RunPaths, precision: str, 
         logging_steps=tc.logging_steps,
         save_total_limit=None,  # CheckpointCompletionCallback rotates, after marking the new one complete
         **_intervals(config, has_eval),
-        train_sampling_strategy="group_by_length" if tc.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if tc.group_by_length and not packed else "random",
         report_to=list(tc.report_to) or "none",
         bf16=precision == "bfloat16",
         fp16=precision == "float16",

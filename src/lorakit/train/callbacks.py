@@ -333,7 +333,12 @@ class NonFiniteGuard(TrainerCallback):
 
     def _record(self, module, inputs, output):
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-        if module.training and isinstance(loss, torch.Tensor):
+        if module.training:
+            self.record_loss(loss)
+
+    def record_loss(self, loss) -> None:
+        """A training micro-batch's loss (the Trainer's own loss path bypasses the model's forward)."""
+        if isinstance(loss, torch.Tensor):
             self._losses.append(loss.detach())
 
     def _loss(self) -> float | None:

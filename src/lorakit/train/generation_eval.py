@@ -59,6 +59,10 @@ class GenerationEvalTrainer(Trainer):
                 num_items_in_batch,
                 labelled_logits_only=self.labelled_logits_only and not wrapped,
             )
+        if model.training:  # the labelled path skips the model's forward, where the guard listens
+            for callback in self.callback_handler.callbacks:
+                if hasattr(callback, "record_loss"):
+                    callback.record_loss(loss)
         # as Trainer.compute_loss: num_items_in_batch counted every process's tokens, and the
         # gradients are averaged over processes, so scale the loss back up by their number
         if (
@@ -69,6 +73,14 @@ class GenerationEvalTrainer(Trainer):
             loss_scale = self.accelerator.num_processes // self.get_tp_size()
             loss = loss * (loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         return (loss, outputs) if return_outputs else loss
+
+    def _track_num_input_tokens(self, inputs):
+        # a packed batch's mask is [B, 1, L, L]; its diagonal marks the real tokens (see
+        # prompting/packing.py), which is what "non_padding" counts on a 2D mask
+        mask = inputs.get("attention_mask")
+        if mask is not None and mask.dim() == 4:
+            inputs = {**inputs, "attention_mask": mask[:, 0].diagonal(dim1=-2, dim2=-1)}
+        return super()._track_num_input_tokens(inputs)
 
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)

@@ -14,19 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from ..config import LorakitConfig
 from ..errors import DataError, RunError, TrainingInterrupted  # re-exported: lorakit.train.recipe.TrainingInterrupted
 from ..files import atomic_write_text
-from ..run_metadata import (
-    config_changes,
-    read_config_history,
-    record_config_change,
-    write_metadata,
-)
+from ..run_metadata import read_config_history, record_config_change, write_metadata
 from ..runs import RunPaths, prepare_run_dir, publish_run, read_metrics, run_dir_for
-from .arguments import FeatureDataset, build_training_args, check_optimizer
+from .arguments import build_training_args, check_optimizer
 from .callbacks import (
     CheckpointCompletionCallback,
     InterruptCallback,
@@ -38,6 +31,7 @@ from .callbacks import (
     truncate_metrics,
 )
 from .generation_eval import GenerationEvalTrainer
+from .resume import resume_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
@@ -137,7 +131,7 @@ def _train(
     changes: dict[str, Any] = {}
     if resume:
         assert checkpoint is not None  # prepare_run_dir refuses a resume with no complete checkpoint
-        config, changes = _resume_config(config, paths, checkpoint, allow_config_change)
+        config, changes = resume_config(config, paths, checkpoint, allow_config_change)
         tc = config.train
     # what this attempt creates it removes again if it fails before a checkpoint exists
     created = [p for p in (paths.root, *paths.root.parents) if not p.exists()]
@@ -172,7 +166,6 @@ def _run(
     from ..models.lora import apply_lora, trainable_summary
     from ..models.precision import choose_precision, default_device
     from ..pipeline import prepare
-    from ..prompting.collation import PaddingCollator
 
     tc = config.train
     resume = checkpoint is not None
@@ -202,7 +195,17 @@ def _run(
     model = apply_lora(model, config.lora, task_type, gradient_checkpointing=tc.gradient_checkpointing)  # type: ignore[assignment]  # the PeftModel wraps it
     logger.info(f"LoRA: {trainable_summary(model)}")
 
-    args = build_training_args(config, paths, precision, device, has_eval=bool(eval_features))
+    from .batching import build_batching, resolve_packing
+
+    batching = build_batching(
+        config,
+        resolve_packing(config, model, task_type),
+        train_features,
+        eval_features,
+        tokenizer.pad_token_id,
+        task_type,
+    )
+    args = build_training_args(config, paths, precision, device, has_eval=bool(eval_features), packed=batching.packed)
     if main:
         if not resume:
             _clear_run(paths)  # only now: a setup error must not cost an existing run
@@ -237,9 +240,10 @@ def _run(
         generation_eval=generation_eval,
         model=model,
         args=args,
-        train_dataset=FeatureDataset(train_features),
-        eval_dataset=FeatureDataset(eval_features) if eval_features else None,
-        data_collator=PaddingCollator(tokenizer.pad_token_id, seq2seq=task_type == "seq2seq"),
+        labelled_logits_only=tc.labelled_logits_only,
+        train_dataset=batching.train_dataset,
+        eval_dataset=batching.eval_dataset,
+        data_collator=batching.collator,
         processing_class=tokenizer,
         callbacks=all_callbacks,
     )
@@ -333,39 +337,6 @@ def _save(
     paths = publish_run(paths)
     logger.info(f"done: adapter saved to {paths.adapter}")
     return paths
-
-
-def _resume_config(
-    config: LorakitConfig, paths: RunPaths, checkpoint: Path, allow_change: bool
-) -> tuple[LorakitConfig, dict[str, Any]]:
-    """The config to resume with, and the accepted changes {dotted key: (old, new)}.
-
-    The run folder must describe what produced it: a config that differs from the run's own
-    config.yaml is refused unless the user accepts the change (--allow-config-change).
-    """
-    if not paths.config.is_file():
-        return config, {}
-    old = yaml.safe_load(paths.config.read_text(encoding="utf-8")) or {}
-    changes = config_changes(old, yaml.safe_load(config.to_yaml()))
-    changes.pop("train.overwrite", None)  # says how to treat an old folder, not how this run trains
-    batch = ("train.micro_batch_size", "train.gradient_accumulation")
-    old_train = old.get("train", {})
-    if set(changes) & set(batch) and all(isinstance(old_train.get(k.split(".")[1]), int) for k in batch):
-        micro, accum = old_train["micro_batch_size"], old_train["gradient_accumulation"]
-        if micro * accum == config.train.micro_batch_size * config.train.gradient_accumulation:
-            # the run backed off after running out of memory: keep its (equivalent) split
-            config = config.model_copy(deep=True)
-            config.train.micro_batch_size, config.train.gradient_accumulation = micro, accum
-            for key in batch:
-                changes.pop(key, None)
-    if changes and not allow_change:
-        listed = ", ".join(f"{key}: {a!r} -> {b!r}" for key, (a, b) in changes.items())
-        raise RunError(
-            f"cannot resume '{paths.root}' from {checkpoint.name}: the config differs from the run's own {paths.config} in {listed}.",
-            hint=f"resume with the run's config (`lorakit train {paths.config} --resume`), or accept the change with "
-            "`--resume --allow-config-change` (config.yaml then records the new config and lorakit.json the change)",
-        )
-    return config, changes
 
 
 def _non_finite_error(exc: NonFiniteTraining, config: LorakitConfig, paths: RunPaths) -> RunError:
