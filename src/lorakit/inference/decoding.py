@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from .prefix_cache import PrefixGroup, can_share_prefixes, encode_prefixes, group_by_prefix, prefix_batches
+
 if TYPE_CHECKING:  # annotations only, no import cost
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -220,12 +222,16 @@ def generate_batched(
     stop_strings: Sequence[str] = (),
     seed: int | None = None,
     cancelled: Callable[[int], bool] | None = None,
+    share_prefixes: bool = True,
 ) -> list[Generation]:
     """Generate one completion per prompt, in batches, returned in the prompts' order.
 
     Greedy when temperature == 0. A prompt is already-rendered template text, or its token ids.
     stop_strings end a row (the template's, plus any the caller adds); EOS always does.
     cancelled(i), asked between decoding steps, ends prompt i's row early (its caller has gone).
+    share_prefixes: greedy causal prompts that start alike (several questions on one passage) have
+    their common start encoded once and its cache reused (inference.prefix_cache); the answers
+    are those each prompt gets alone.
     """
     if not prompts:
         return []
@@ -233,38 +239,57 @@ def generate_batched(
         model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
     encoded = [_as_ids(tokenizer, p, task_type) for p in prompts]
-    # longest first: similar lengths share a batch, and an out-of-memory shows up at once
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     results: list[Generation | None] = [None] * len(prompts)
+
+    def run(chunk: list[int], input_ids: torch.Tensor, mask: torch.Tensor, past: object = None) -> None:
+        """Generate one batch (prompt indices `chunk`) and store its rows' Generations."""
+        width = 1 if task_type == "seq2seq" else input_ids.shape[1]
+        stopper = StopOnStrings(tokenizer, stop_strings, width)
+        criteria = StoppingCriteriaList([stopper] if stopper.stop_strings else [])
+        if cancelled is not None:
+            criteria.append(_RowsCancelled(cancelled, chunk))
+        cache = {"past_key_values": past} if past is not None else {}
+        # mypy sees generate through nn.Module.__getattr__ (a Tensor) in transformers' stubs
+        output = model.generate(  # type: ignore[operator]
+            input_ids=input_ids, attention_mask=mask, generation_config=config, stopping_criteria=criteria, **cache
+        )
+        # causal output repeats the prompt; seq2seq output starts with the decoder start token
+        new = output[:, input_ids.shape[1] :] if task_type != "seq2seq" else output[:, 1:]
+        for j, index in enumerate(chunk):
+            results[index] = _finish(
+                tokenizer,
+                new[j].tolist(),
+                prompt_tokens=len(encoded[index]),
+                eos_ids=eos_ids,
+                stopped_at=stopper.stopped_at.get(j),
+                stop_strings=stop_strings,
+                max_new_tokens=max_new_tokens,
+            )
+
+    # prompts that share a long start (a passage asked several questions) have it encoded once;
+    # greedy only, so sampled rows keep the batches (and the seeded draws) they always had
+    plain = list(range(len(prompts)))
+    shared: list[PrefixGroup] = []
+    if share_prefixes and task_type != "seq2seq" and temperature == 0 and can_share_prefixes(model):
+        shared = [g for g in group_by_prefix(encoded) if len(g.members) > 1]
+        in_groups = {i for g in shared for i in g.members}
+        plain = [i for i in plain if i not in in_groups]
+    # longest first: similar lengths share a batch, and an out-of-memory shows up at once
+    plain.sort(key=lambda i: -len(encoded[i]))
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(order), max(1, batch_size)):
-                chunk = order[start : start + batch_size]
-                rows = [encoded[i] for i in chunk]
-                input_ids, mask = _batch_tensors(rows, pad_id, left=task_type != "seq2seq", device=device)
-                width = 1 if task_type == "seq2seq" else input_ids.shape[1]
-                stopper = StopOnStrings(tokenizer, stop_strings, width)
-                criteria = StoppingCriteriaList([stopper] if stopper.stop_strings else [])
-                if cancelled is not None:
-                    criteria.append(_RowsCancelled(cancelled, chunk))
-                # mypy sees generate through nn.Module.__getattr__ (a Tensor) in transformers' stubs
-                output = model.generate(  # type: ignore[operator]
-                    input_ids=input_ids, attention_mask=mask, generation_config=config, stopping_criteria=criteria
-                )
-                # causal output repeats the prompt; seq2seq output starts with the decoder start token
-                new = output[:, input_ids.shape[1] :] if task_type != "seq2seq" else output[:, 1:]
-                for j, index in enumerate(chunk):
-                    results[index] = _finish(
-                        tokenizer,
-                        new[j].tolist(),
-                        prompt_tokens=len(rows[j]),
-                        eos_ids=eos_ids,
-                        stopped_at=stopper.stopped_at.get(j),
-                        stop_strings=stop_strings,
-                        max_new_tokens=max_new_tokens,
-                    )
+            batches = prefix_batches(shared, batch_size)
+            for n, batch in enumerate(batches):
+                prepared = encode_prefixes(model, encoded, batch, pad_id, device)
+                if prepared is None:  # this model's cache cannot be shared: the plain way for these rows
+                    plain = sorted(plain + [i for b in batches[n:] for i in b.rows], key=lambda i: -len(encoded[i]))
+                    break
+                run(batch.rows, *prepared)
+            for start in range(0, len(plain), max(1, batch_size)):
+                chunk = plain[start : start + batch_size]
+                run(chunk, *_batch_tensors([encoded[i] for i in chunk], pad_id, task_type != "seq2seq", device))
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]

@@ -1,0 +1,160 @@
+"""A prefix shared by several prompts, encoded once, its KV cache reused by every prompt that has it.
+
+SQuAD-style evaluation asks several questions about one passage, and the templates put the passage
+first, so those prompts start with the same long run of token ids. generate_batched groups such
+prompts (group_by_prefix), runs the distinct prefixes of a batch through the model once
+(encode_prefixes), copies each prefix's cache to the rows of its group, and lets generate encode
+only each row's own suffix (the question) before decoding.
+
+One batch row, as generate sees it (several groups may share a batch):
+
+    [pad ... the prefix of the row's group | pad ... the row's own suffix]
+
+Padding sits left of each part, with attention mask 0. generate derives position ids from the
+mask's running count, so every real token gets the position it has when its prompt is generated
+alone, and attends to exactly the tokens it attends to then: the same answers, up to float noise.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import PreTrainedModel
+
+# a shorter common start saves too little prefill to be worth its own forward pass
+MIN_SHARED_TOKENS = 16
+
+
+@dataclass
+class PrefixGroup:
+    """Prompts (indices into the caller's list) whose first `length` token ids are the same."""
+
+    members: list[int]
+    length: int
+
+
+@dataclass
+class PrefixBatch:
+    """One generate call: `rows` (prompt indices) and, per row, the index of its group in `groups`."""
+
+    rows: list[int]
+    groups: list[PrefixGroup]
+    row_group: list[int]
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def group_by_prefix(encoded: Sequence[Sequence[int]], min_shared: int = MIN_SHARED_TOKENS) -> list[PrefixGroup]:
+    """Groups of prompts that share at least min_shared leading tokens; every other prompt alone.
+
+    Sorted by token ids, prompts with a common prefix are neighbours. Walking that order, a prompt
+    joins the open group unless that would cost more shared tokens than it saves: it shares twice
+    as much with the next prompt (a new passage starts with it), or it would cut the group's
+    shared prefix below half (a passage's questions would lose their passage). A group's prefix
+    stops at least one token short of its shortest member, so every row has a suffix to encode.
+    """
+    order = sorted(range(len(encoded)), key=lambda i: list(encoded[i]))
+    adjacent = [common_prefix_length(encoded[a], encoded[b]) for a, b in zip(order, order[1:])]
+    groups: list[PrefixGroup] = []
+    members: list[int] = []
+    shared = 0
+    for k, index in enumerate(order):
+        if members:
+            common = min(shared, adjacent[k - 1])
+            ahead = adjacent[k] if k < len(adjacent) else 0
+            if common >= min_shared and 2 * common >= ahead and (len(members) == 1 or 2 * common >= shared):
+                members.append(index)
+                shared = common
+                continue
+            groups.append(PrefixGroup(members, shared))
+        members, shared = [index], len(encoded[index])
+    if members:
+        groups.append(PrefixGroup(members, shared))
+    out = []
+    for group in groups:
+        length = min(group.length, min(len(encoded[i]) for i in group.members) - 1)
+        if len(group.members) > 1 and length >= min_shared:
+            out.append(PrefixGroup(group.members, length))
+        else:  # alone, or too little left in common: each prompt its own group (no prefix)
+            out.extend(PrefixGroup([i], 0) for i in group.members)
+    return out
+
+
+def prefix_batches(groups: Sequence[PrefixGroup], batch_size: int) -> list[PrefixBatch]:
+    """Rows in batches of batch_size, longest prefix first; a group may span two batches
+    (its prefix is then encoded once in each)."""
+    rows = [(i, group) for group in sorted(groups, key=lambda g: -g.length) for i in group.members]
+    batches = []
+    for start in range(0, len(rows), max(1, batch_size)):
+        piece = rows[start : start + batch_size]
+        distinct: list[PrefixGroup] = []
+        for _, group in piece:
+            if not any(group is g for g in distinct):
+                distinct.append(group)
+        row_group = [next(n for n, g in enumerate(distinct) if g is group) for _, group in piece]
+        batches.append(PrefixBatch([i for i, _ in piece], distinct, row_group))
+    return batches
+
+
+def _inner(model: PreTrainedModel) -> Any:
+    """The transformers model under a peft wrapper (whose forward passes keyword arguments on)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def can_share_prefixes(model: PreTrainedModel) -> bool:
+    """Decoder-only models that take position ids (else padding inside a row would shift positions)."""
+    inner = _inner(model)
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    return "position_ids" in inspect.signature(inner.forward).parameters
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = [[pad_id] * (width - len(r)) + list(r) for r in rows]
+    mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def encode_prefixes(
+    model: PreTrainedModel, encoded: Sequence[Sequence[int]], batch: PrefixBatch, pad_id: int, device: Any
+) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+    """(input_ids, attention_mask, past_key_values) for generate: each distinct prefix of the batch
+    run through the model once, its cache copied to its group's rows.
+
+    None when the model's cache is not a plain per-token one (sliding windows, recurrent state):
+    such a cache cannot be copied across rows this way, so the caller generates those rows plainly.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    prefixes = [encoded[g.members[0]][: g.length] for g in batch.groups]
+    prefix_ids, prefix_mask = _left_pad(prefixes, pad_id, device)
+    # a padded slot's position does not matter (nothing attends to it); real tokens count from 0
+    positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(_inner(model).forward).parameters else {}
+    out = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True, **extra)
+    cache = out.past_key_values
+    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.batch_select_indices(torch.tensor(batch.row_group, device=device))
+    suffixes = [encoded[i][batch.groups[g].length :] for i, g in zip(batch.rows, batch.row_group)]
+    suffix_ids, suffix_mask = _left_pad(suffixes, pad_id, device)
+    select = torch.tensor(batch.row_group, device=device)
+    input_ids = torch.cat([prefix_ids[select], suffix_ids], dim=1)
+    mask = torch.cat([prefix_mask[select], suffix_mask], dim=1)
+    return input_ids, mask, cache
