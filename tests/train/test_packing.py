@@ -30,13 +30,13 @@ def feature(prompt: list[int], answer: list[int]) -> dict:
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE] * len(prompt) + answer}
 
 
-def qa_features(seed: int = 0, vocab: int = 500) -> list[dict]:
-    """Three passages (30, 24 and 40 tokens) with 4, 3 and 1 questions, plus a header they all share."""
+def qa_features(seed: int = 0, vocab: int = 500, header: int = 3) -> list[dict]:
+    """Three passages (30, 24 and 40 tokens) with 4, 3 and 1 questions, after a header they all share."""
     rng = random.Random(seed)
-    header = [7, 8, 9]
+    header_ids = [7 + i for i in range(header)]
     out = []
     for passage_len, questions in ((30, 4), (24, 3), (40, 1)):
-        passage = header + [rng.randrange(10, vocab) for _ in range(passage_len)]
+        passage = header_ids + [rng.randrange(10, vocab) for _ in range(passage_len)]
         for _ in range(questions):
             question = [rng.randrange(10, vocab) for _ in range(rng.randrange(3, 7))]
             answer = [rng.randrange(10, vocab) for _ in range(rng.randrange(1, 4))] + [2]
@@ -53,6 +53,8 @@ def test_questions_on_one_passage_share_it_and_no_shared_position_predicts_a_lab
     groups = group_by_prefix(features)
     sizes = sorted(len(g) for g in groups)
     assert sizes == [1, 3, 4]  # the common 3-token header alone is not worth sharing
+    # a long common header (a system prompt) does not chain the passages into one group
+    assert sorted(len(g) for g in group_by_prefix(qa_features(header=20))) == [1, 3, 4]
     for unit in build_units(features, max_length=512, share=True):
         assert len(unit.branches) == 1 or len(unit.prefix) >= MIN_SHARED_TOKENS
         for ids, _targets in unit.branches:

@@ -40,6 +40,10 @@ from .encoding import IGNORE
 # A shared prefix shorter than this saves too little to give up the randomness of the grouping.
 MIN_SHARED_TOKENS = 16
 
+# Neighbours one group may span when grouping: bounds the grouping's cost (n x MAX_GROUP); a
+# micro-batch holds far fewer examples anyway.
+MAX_GROUP = 64
+
 
 @dataclass
 class Unit:
@@ -87,29 +91,37 @@ def shared_prefix_length(features: Sequence[dict[str, Any]]) -> int:
 def group_by_prefix(features: Sequence[dict[str, Any]]) -> list[list[int]]:
     """Indices of features that share a prefix worth sharing (>= MIN_SHARED_TOKENS), in sorted order.
 
-    Sorting the token ids brings examples with a common start together; a neighbour joins the
-    current group while the tokens the group saves do not shrink (a question on another passage
-    of the same article shares only the template's header and would cut the prefix short).
+    Sorting the token ids brings examples with a common start together; the sorted list is then
+    cut where the tokens saved, sum of (members - 1) x prefix over the groups, are largest (a
+    dynamic programme over groups of at most MAX_GROUP neighbours). So the questions on one
+    passage form a group, rather than joining the questions on the article's next passage, with
+    which they share only the template's header.
     """
     order = sorted(range(len(features)), key=lambda i: features[i]["input_ids"])
+    shareable = [_shareable(features[i]) for i in order]
+    # common[k]: the prefix sorted items k and k + 1 could share
+    common = [
+        min(_common(features[a]["input_ids"], features[b]["input_ids"]), shareable[k], shareable[k + 1])
+        for k, (a, b) in enumerate(zip(order, order[1:]))
+    ]
+    best = [0] * (len(order) + 1)  # best[i]: tokens saved by the best cut of the first i items
+    start = [0] * (len(order) + 1)  # where the last group of that cut starts
+    for end in range(1, len(order) + 1):
+        best[end], start[end] = best[end - 1], end - 1  # the item alone
+        prefix = None
+        for first in range(end - 2, max(-1, end - 1 - MAX_GROUP), -1):
+            prefix = common[first] if prefix is None else min(prefix, common[first])
+            if prefix < MIN_SHARED_TOKENS:
+                break  # a longer group only shares less
+            saved = best[first] + (end - 1 - first) * prefix
+            if saved > best[end]:
+                best[end], start[end] = saved, first
     groups: list[list[int]] = []
-    shared = 0
-    for index in order:
-        if groups:
-            group = groups[-1]
-            last = features[group[-1]]
-            candidate = min(
-                _common(last["input_ids"], features[index]["input_ids"]),
-                _shareable(features[index]),
-                shared if len(group) > 1 else _shareable(last),
-            )
-            if candidate >= MIN_SHARED_TOKENS and len(group) * candidate >= (len(group) - 1) * shared:
-                group.append(index)
-                shared = candidate
-                continue
-        groups.append([index])
-        shared = 0
-    return groups
+    end = len(order)
+    while end > 0:
+        groups.append(order[start[end] : end])
+        end = start[end]
+    return groups[::-1]
 
 
 def build_units(features: Sequence[dict[str, Any]], max_length: int, share: bool) -> list[Unit]:
