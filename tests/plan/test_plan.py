@@ -140,14 +140,47 @@ CASES = [  # (model, step): micro-batch, sequence length, rank, checkpointing, a
 @pytest.mark.parametrize("model_kw,step_kw", CASES)
 def test_predicted_peak_memory_within_20_percent_of_measured(model_kw, step_kw):
     shape = read_model_shape(llama(**model_kw))
-    predicted = estimate_step_memory(shape, **step_kw).tensor_peak
+    predicted = estimate_step_memory(shape, labelled_logits_only=False, **step_kw).tensor_peak
     measured = measure_lora_step(llama(**model_kw), timed_steps=0, **step_kw).peak_bytes
     assert abs(predicted - measured) / measured < 0.20, (predicted, measured)
 
 
+def _labelled_loss(model, batch):
+    from lorakit.train.loss import causal_loss
+
+    return causal_loss(model, batch)[0]
+
+
+LABELLED_CASES = [  # (model, step, labelled positions per row): answers at the end of each row
+    (dict(vocab=8000), dict(micro_batch=4, seq_len=128, lora_r=8, target_modules="all-linear"), 8),
+    (dict(vocab=8000), dict(micro_batch=2, seq_len=96, lora_r=8, target_modules="auto", attn="eager"), 90),
+    (
+        dict(vocab=4000, tied=True),
+        dict(micro_batch=2, seq_len=64, lora_r=8, target_modules="auto", gradient_checkpointing=True),
+        5,
+    ),
+]
+
+
+@pytest.mark.parametrize("model_kw,step_kw,labelled", LABELLED_CASES)
+def test_labelled_logits_peak_within_20_percent_of_measured(model_kw, step_kw, labelled):
+    # train.loss's path: only labelled positions are projected, in chunks (vocab 8000: 2097 rows per
+    # chunk, so 90 x 2 labelled positions are one chunk; the gathered hidden states count too)
+    shape = read_model_shape(llama(**model_kw))
+    n = labelled * step_kw["micro_batch"]
+    predicted = estimate_step_memory(shape, labelled_tokens=n, **step_kw).tensor_peak
+    measured = measure_lora_step(
+        llama(**model_kw), timed_steps=0, labelled=labelled, loss_fn=_labelled_loss, **step_kw
+    ).peak_bytes
+    assert abs(predicted - measured) / measured < 0.20, (predicted, measured)
+    if labelled < step_kw["seq_len"] // 4:  # answers a small share of the row: the saving is beyond the tolerance
+        everywhere = estimate_step_memory(shape, labelled_logits_only=False, **step_kw).tensor_peak
+        assert measured < 0.6 * everywhere
+
+
 def test_memory_parts_respond_to_their_knobs():
     shape = read_model_shape(llama(h=256, layers=4, inter=512, vocab=32000))
-    base = dict(micro_batch=4, seq_len=512, lora_r=16, target_modules="all-linear")
+    base = dict(micro_batch=4, seq_len=512, lora_r=16, target_modules="all-linear", labelled_logits_only=False)
     plain = estimate_step_memory(shape, **base)
     assert (
         estimate_step_memory(shape, **{**base, "micro_batch": 8}).parts["activations"] == 2 * plain.parts["activations"]
@@ -293,20 +326,19 @@ def test_plan_command_uses_the_real_token_lengths(tiny_llama_dir, tmp_path):
     )
     from rich.console import Console
 
-    text = plan_command(
-        tmp_path / "c.yaml",
-        ["train.epochs=2"],
-        "cpu",
-        None,
-        False,
-        console=Console(record=True, width=200, file=io.StringIO()),
-    )
+    def run(*overrides):
+        console = Console(record=True, width=200, file=io.StringIO())
+        return plan_command(tmp_path / "c.yaml", ["train.epochs=2", *overrides], "cpu", None, False, console=console)
+
+    text = run("train.packing=off")
     config = validate_config(
         {"data": {"path": str(tmp_path / "qa.json")}, "model": {"name_or_path": str(tiny_llama_dir)}}
     )
     stats = prepare(config).train_stats  # encoded as training encodes them
     assert f"longest batch {max(stats.lengths)} tokens" in text
     assert "Predicted peak memory" in text and "fits in" in text and "2 epochs" in text
+    packed = run()  # auto: passages for a causal model
+    assert "packed (passages)" in packed and f"instead of {sum(stats.lengths)}" in packed
 
 
 def test_plan_errors_name_the_fix(tiny_llama_dir):

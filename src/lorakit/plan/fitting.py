@@ -10,7 +10,7 @@ from typing import TypeVar
 from ..config import LorakitConfig
 from ..errors import ModelError
 from .devices import GpuSpec, gpu_spec
-from .estimate import DataLengths, _task_type, data_lengths, estimate_memory
+from .estimate import DataLengths, _task_type, data_lengths, peak_memory, plan_batches
 from .memory import (
     fmt_bytes,
 )
@@ -20,13 +20,18 @@ logger = logging.getLogger("lorakit.plan")
 T = TypeVar("T")  # what the wrapped run returns (train: RunPaths)
 
 
+def _need(
+    config: LorakitConfig, shape: ModelShape, spec: GpuSpec, lengths: DataLengths, max_length: int | None = None
+) -> int:
+    """Bytes the config's largest micro-batch needs (its micro-batches planned as training plans them)."""
+    batches = plan_batches(config, lengths, _task_type(config, shape), max_length)
+    return peak_memory(config, shape, spec, batches)[0].total
+
+
 def _fits(
     config: LorakitConfig, shape: ModelShape, spec: GpuSpec, lengths: DataLengths, max_length: int | None = None
 ) -> bool:
-    limit = max_length or config.template.max_length
-    seq = min(max(lengths.lengths), limit) if lengths.lengths else limit
-    target = min(max(lengths.target_lengths), limit) if lengths.target_lengths else None
-    return bool(estimate_memory(config, shape, spec, seq, target).total <= spec.memory_bytes)
+    return _need(config, shape, spec, lengths, max_length) <= spec.memory_bytes
 
 
 def _largest_micro_batch(config: LorakitConfig, shape: ModelShape, spec: GpuSpec, lengths: DataLengths) -> int | None:
@@ -92,8 +97,7 @@ def fit_config(
         return new, choices
 
     def need() -> str:  # what micro-batch 1 needs as things stand
-        seq = min(max(lengths.lengths), new.template.max_length) if lengths.lengths else new.template.max_length
-        return fmt_bytes(estimate_memory(new, shape, spec, seq).total)
+        return fmt_bytes(_need(new, shape, spec, lengths))
 
     if not new.train.gradient_checkpointing:
         choices.append(
@@ -130,7 +134,7 @@ def fit_config(
             return new, choices
     shortest = (
         f" and the shortest max_length that cuts no answer ({lengths.safe_min}) needs "
-        f"{fmt_bytes(estimate_memory(new, shape, spec, lengths.safe_min).total)}"
+        f"{fmt_bytes(_need(new, shape, spec, lengths, lengths.safe_min))}"
         if lengths.lengths
         else " needs more (without the tokenizer max_length cannot be shortened safely)"
     )

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import LoraConfig, TrainConfig
 from ..config import default_of as config_default
@@ -89,10 +91,18 @@ def measure_lora_step(
     steps: int = 2,
     timed_steps: int = 1,
     dtype=None,
+    labelled: int | None = None,
+    loss_fn: Callable[[Any, dict[str, Any]], Any] | None = None,
+    batch: dict[str, Any] | None = None,
 ) -> StepMeasurement:
     """Run real LoRA training steps on a random-init causal LM built from `hf_config` (on the CPU, in
     `dtype`, default float32) the way the Trainer does (loss only is kept, then backward, AdamW step, zero grads) and measure
-    the peak tensor memory and the time per step. No weights are downloaded."""
+    the peak tensor memory and the time per step. No weights are downloaded.
+
+    The batch is `micro_batch` x `seq_len` random ids with labels everywhere, or only on the last
+    `labelled` positions of each row (an answer after its prompt), given as `shift_labels` too;
+    `batch` replaces it (e.g. a collator's packed rows). The loss is the model's own, or
+    `loss_fn(model, batch)` (train.loss.causal_loss, which plan cannot import)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -106,11 +116,17 @@ def measure_lora_step(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, hf_config.vocab_size, (micro_batch, seq_len))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    if batch is None:
+        ids = torch.randint(0, hf_config.vocab_size, (micro_batch, seq_len))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        if labelled is not None:
+            shift = torch.full_like(ids, -100)
+            shift[:, seq_len - labelled - 1 : -1] = ids[:, seq_len - labelled :]
+            batch["labels"] = batch["shift_labels"] = shift
 
     def step():
-        loss = model(**batch).loss  # the output (logits) is dropped before backward, as in Trainer
+        # the output (logits) is dropped before backward, as in Trainer
+        loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

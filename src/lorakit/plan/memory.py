@@ -190,9 +190,18 @@ def estimate_step_memory(
     gradient_checkpointing: bool = config_default(TrainConfig, "gradient_checkpointing"),
     attn: str = "sdpa",
     device: str = "cpu",
+    labelled_logits_only: bool = config_default(TrainConfig, "labelled_logits_only"),
+    labelled_tokens: int | None = None,
+    packed: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of one LoRA training step, by part. `target_len` is the decoder length of a
-    seq2seq model (its labels); causal models use `seq_len` for everything."""
+    seq2seq model (its labels); causal models use `seq_len` for everything.
+
+    `micro_batch` x `seq_len` is the batch tensor's shape: for packed rows (`packed`), the rows and
+    the longest row of the micro-batch, which then also carries a [rows, 1, L, L] boolean attention
+    mask and its additive copy in the compute dtype. `labelled_logits_only` (causal models whose
+    logits are a plain projection): only the `labelled_tokens` labelled positions (None: all of
+    them) reach the output projection, in chunks of LOGIT_CHUNK_BYTES of float32 logits."""
     notes = []
     modules = lora_modules(shape, target_modules)
     n_lora = lora_param_count(shape, modules, lora_r, use_dora)
@@ -220,7 +229,16 @@ def estimate_step_memory(
         saved, recompute = per_token * tokens, recompute_per_token * tokens
         logit_tokens = tokens
     # logits in the compute dtype, upcast to fp32, log-softmax, and its gradient (fp32, x2)
-    logits = logit_tokens * shape.vocab_size * (12 + (act_bytes if act_bytes != 4 else 0))
+    per_logit = 12 + (act_bytes if act_bytes != 4 else 0)
+    if labelled_logits_only and not shape.is_seq2seq and shape.plain_logits:
+        labelled = logit_tokens if labelled_tokens is None else min(labelled_tokens, logit_tokens)
+        logits = labelled_logits_bytes(shape, labelled, act_bytes)
+        notes.append(
+            f"logits: only the {labelled} labelled positions reach the output projection, "
+            f"{min(labelled, chunk_rows(shape.vocab_size))} at a time (train.labelled_logits_only)"
+        )
+    else:
+        logits = logit_tokens * shape.vocab_size * per_logit
     # the loss backward (logits phase) comes first and is freed before the layers' backward,
     # which needs the gradients flowing through one layer (plus its recomputation if checkpointing)
     working = tokens * (2 * shape.hidden_size + 2 * shape.intermediate_size) * act_bytes + recompute
@@ -233,6 +251,8 @@ def estimate_step_memory(
         "logits + loss": int(logits),
         "backward beyond logits": int(max(0.0, working - logits)),
     }
+    if packed:  # the collator's boolean [rows, 1, L, L] mask and the loss's additive copy of it
+        parts["attention mask"] = micro_batch * seq_len * seq_len * (1 + act_bytes)
     if device == "cpu":
         overhead = int(0.6 * GIB)
         notes.append("overhead: Python, torch and transformers code and CPU allocator slack (~0.6 GiB, fixed)")
@@ -240,6 +260,26 @@ def estimate_step_memory(
         overhead = int(0.5 * GIB + 0.1 * sum(parts.values()))
         notes.append("overhead: CUDA context (~0.5 GiB) + caching-allocator fragmentation (~10%)")
     return MemoryEstimate(parts=parts, overhead=overhead, notes=notes)
+
+
+# train/loss.py's chunk of float32 logits (plan cannot import train; tests/plan checks they agree).
+LOGIT_CHUNK_BYTES = 64 * 2**20
+
+
+def chunk_rows(vocab_size: int) -> int:
+    """Positions per chunk of the labelled-logits loss: LOGIT_CHUNK_BYTES of float32 logits."""
+    return max(1, LOGIT_CHUNK_BYTES // (4 * vocab_size))
+
+
+def labelled_logits_bytes(shape: ModelShape, labelled: int, act_bytes: int) -> int:
+    """ "logits + loss" when only labelled positions are projected: one chunk's logits in backward
+    (recomputed, upcast, log-softmax and its gradient, as for all positions) plus the gathered
+    hidden states of every labelled position and their gradient."""
+    rows = min(labelled, chunk_rows(shape.vocab_size))
+    return (
+        rows * shape.vocab_size * (12 + (act_bytes if act_bytes != 4 else 0))
+        + 2 * labelled * shape.hidden_size * act_bytes
+    )
 
 
 def flops_per_token(shape: ModelShape, n_lora: int, seq_len: int, gradient_checkpointing: bool) -> tuple[float, str]:

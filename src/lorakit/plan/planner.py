@@ -16,11 +16,12 @@ from ..config import LorakitConfig
 from .devices import GpuSpec, gpu_spec, precision_bytes
 from .estimate import (
     DataLengths,
-    _padded_mean,
     _task_type,
     data_lengths,
-    estimate_memory,
     estimate_time,
+    packing_mode,
+    peak_memory,
+    plan_batches,
 )
 from .fitting import fit_config
 from .memory import (
@@ -53,6 +54,9 @@ class Plan:
     n_train: int
     notes: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
+    packing: str = "off"  # passages, examples or off, as training will run
+    rows: int | None = None  # rows of the micro-batch that needs the most memory (packed: of seq_len tokens)
+    computed_tokens: int | None = None  # per epoch, padding included (packed: the passage once)
 
     @property
     def fits(self) -> bool:
@@ -92,31 +96,26 @@ def plan_run(
     shape = shape or read_model_shape(config.model)
     task_type = _task_type(config, shape)
     lengths = lengths or data_lengths(config, task_type)
-    max_length = config.template.max_length
     notes = [lengths.note]
-    if lengths.lengths:
-        seq = min(max(lengths.lengths), max_length)
-        target = min(max(lengths.target_lengths), max_length) if lengths.target_lengths else None
-        mean = _padded_mean(
-            lengths.lengths, config.train.micro_batch_size, config.train.group_by_length, config.train.seed
-        )
-        tokens = sum(lengths.lengths)
-    else:
-        seq, target, mean, tokens = (
-            max_length,
-            (max_length if task_type == "seq2seq" else None),
-            max_length,
-            max_length * lengths.n_train,
-        )
-    memory = estimate_memory(config, shape, spec, seq, target)
+    batches = plan_batches(config, lengths, task_type)
+    memory, (rows, seq, _) = peak_memory(config, shape, spec, batches)
     time_est = estimate_time(
         config,
         shape,
         spec,
-        mean + (sum(lengths.target_lengths) / len(lengths.target_lengths) if lengths.target_lengths else 0),
+        batches.tokens_per_micro_batch / config.train.micro_batch_size,
+        batches.mean_row,
     )
-    per_step = config.train.micro_batch_size * config.train.gradient_accumulation
-    steps_per_epoch = max(1, -(-lengths.n_train // per_step))
+    tokens = sum(lengths.lengths) if lengths.lengths else config.template.max_length * lengths.n_train
+    if batches.packed:
+        notes.append(
+            f"packing {batches.mode}: {batches.computed_tokens} tokens per epoch to compute instead of {tokens} "
+            f"({tokens / max(batches.computed_tokens, 1):.2f}x fewer); the peak micro-batch is {rows} row(s) x {seq} tokens"
+        )
+    elif packing_mode(config, task_type) != "off":
+        notes.append("packing not planned (the tokenizer is unavailable): planned as padded micro-batches")
+    # the Trainer's steps per epoch: micro-batches / accumulation (packing keeps examples per micro-batch)
+    steps_per_epoch = max(1, -(-batches.micro_batches // config.train.gradient_accumulation))
     if config.train.max_steps > 0:
         steps, epochs = config.train.max_steps, config.train.max_steps / steps_per_epoch
     else:
@@ -130,7 +129,7 @@ def plan_run(
         spec,
         precision,
         seq,
-        target,
+        batches.target_len,
         memory,
         time_est,
         steps,
@@ -138,6 +137,9 @@ def plan_run(
         epochs,
         lengths.n_train,
         notes + memory.notes,
+        packing=batches.mode,
+        rows=rows,
+        computed_tokens=batches.computed_tokens,
     )
     if advise and not plan.fits:
         fitted, choices = fit_config(config, gpu, memory_gb, shape=shape, lengths=lengths)

@@ -50,9 +50,14 @@ def render_plan(plan: Plan, choices: list[str] | None = None, console: Console |
         f"{', tied embeddings' if s.tied_embeddings else ''}"
     )
     t = plan.config.train
+    peak = (
+        f"packed ({plan.packing}), the largest micro-batch {plan.rows} row(s) x {plan.seq_len} tokens"
+        if plan.packing != "off"
+        else f"longest batch {plan.seq_len} tokens"
+    )
     console.print(
         f"device: {plan.device.label}; precision {plan.precision}\n"
-        f"batch: micro-batch {t.micro_batch_size} x accumulation {t.gradient_accumulation}; longest batch {plan.seq_len} tokens"
+        f"batch: micro-batch {t.micro_batch_size} x accumulation {t.gradient_accumulation}; {peak}"
         f"{f' (target {plan.target_len})' if plan.target_len else ''}; checkpointing {'on' if t.gradient_checkpointing else 'off'}"
     )
     table = Table(title="Predicted peak memory")

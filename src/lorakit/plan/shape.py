@@ -26,6 +26,7 @@ class ModelShape:
     gated_mlp: bool = True
     num_decoder_layers: int = 0  # seq2seq only
     source: str = ""
+    plain_logits: bool = True  # logits = head(hidden), no softcap or scale (the labelled-logits loss needs it)
 
     @property
     def is_seq2seq(self) -> bool:
@@ -39,6 +40,10 @@ class ModelShape:
     def linear_params(self) -> int:
         return sum(i * o * n for i, o, n in self.linear_layers.values())
 
+
+# Config fields through which a model changes its logits after the projection (train/loss.py checks
+# the same ones, and the logits themselves, before it projects only labelled positions).
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 # --- reading the shape -----------------------------------------------------------------------
 
@@ -124,6 +129,7 @@ def _shape_from_hf_config(hf_config, source: str) -> ModelShape:
         gated_mlp=gated,
         num_decoder_layers=getattr(text, "num_decoder_layers", 0) or 0 if seq2seq else 0,
         source=source,
+        plain_logits=all(getattr(text, name, None) in (None, 1) for name in LOGIT_TRANSFORMS),
     )
 
 
