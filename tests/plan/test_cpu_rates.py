@@ -90,3 +90,10 @@ def test_load_per_core_reads_the_load_average(monkeypatch):
     monkeypatch.setattr(devices.os, "getloadavg", lambda: (3.0, 1.0, 0.5))
     monkeypatch.setattr(devices.os, "cpu_count", lambda: 4)
     assert devices._load_per_core() == pytest.approx(0.75)
+
+
+def test_the_plan_says_when_the_cpu_was_busy(machine):
+    machine.load = 2 * devices.QUIET_LOAD_PER_CORE
+    assert "while other jobs ran: the times are upper bounds" in devices.gpu_spec("cpu").label
+    machine.load = 0.0
+    assert devices.gpu_spec("cpu").label.endswith("rates measured)")

@@ -338,7 +338,7 @@ def test_plan_command_uses_the_real_token_lengths(tiny_llama_dir, tmp_path):
     assert f"longest batch {max(stats.lengths)} tokens" in text
     assert "Predicted peak memory" in text and "fits in" in text and "2 epochs" in text
     packed = run()  # auto: passages for a causal model
-    assert "packed (passages)" in packed and f"instead of {sum(stats.lengths)}" in packed
+    assert "packed (passages)" in packed and f"and {sum(stats.lengths)} in the examples" in packed
 
 
 def test_plan_errors_name_the_fix(tiny_llama_dir):

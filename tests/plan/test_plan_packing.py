@@ -142,7 +142,9 @@ def test_the_plan_counts_the_packed_rows_and_their_attention_mask(tiny_llama_dir
     plan = plan_run(config(tiny_llama_dir), "cpu", shape=read_model_shape(str(tiny_llama_dir)), lengths=lengths)
     assert (plan.packing, plan.rows, plan.seq_len, plan.computed_tokens) == ("passages", 2, 44, 88)
     assert plan.memory.parts["attention mask"] == 2 * 44 * 44 * (1 + 4)  # bool + float32 additive copy
-    assert any("88 tokens per epoch to compute instead of 117" in note for note in plan.notes)
+    # padded one example per row: 4 rows of the longest, 33
+    assert any("88 tokens per epoch to compute (row padding included) against 132 padded" in n for n in plan.notes)
+    assert any("(1.50x) and 117 in the examples; the peak micro-batch is 2 row(s) x 44" in n for n in plan.notes)
     off = plan_run(config(tiny_llama_dir, packing="off"), "cpu", shape=plan.shape, lengths=lengths)
     assert "attention mask" not in off.memory.parts and (off.rows, off.seq_len) == (4, 33)
 
@@ -195,3 +197,19 @@ def test_packed_peak_within_20_percent_of_measured(mode):
         _llama(), timed_steps=0, batch=batch, loss_fn=lambda m, b: causal_loss(m, b)[0], **step
     ).peak_bytes
     assert abs(predicted - measured) / measured < 0.20, (predicted, measured)
+
+
+def test_time_counts_the_output_head_only_at_labelled_positions():
+    from lorakit.plan.devices import GpuSpec, step_time
+    from lorakit.plan.memory import flops_per_token
+
+    shape = read_model_shape(_llama(vocab=32000))
+    cpu = GpuSpec("cpu", 0, 100e9, False, "a CPU", 5e-6)
+    kw = dict(n_lora=1000, n_adapters=7, tokens=1000, seq_len=100)
+    everywhere = step_time(shape, cpu, **kw)
+    labelled = step_time(shape, cpu, labelled_tokens=10, **kw)
+    body, _ = flops_per_token(shape, 1000, 100, False, head=False)
+    # forward, its recomputation and the input gradient (6*V*d) at 10 of the 1000 positions
+    assert labelled.flops_per_token == pytest.approx(body + 6 * 32000 * 64 * 10 / 1000)
+    assert everywhere.flops_per_token == pytest.approx(body + 4 * 32000 * 64)
+    assert labelled.seconds_per_step < everywhere.seconds_per_step / 3  # the head dominates this narrow model

@@ -107,6 +107,12 @@ def cpu_rates(use_cache: bool = True) -> tuple[float, float]:
     """(float32 matmul FLOP/s, seconds per training-step operator) of this machine at torch's current
     thread count: a ~0.4 s micro-benchmark (best of a few runs), cached per machine under the
     lorakit cache folder when the machine was quiet (see CPU_RATE_MAX_AGE_DAYS above)."""
+    flops, op_seconds, _ = _cpu_rates(use_cache)
+    return flops, op_seconds
+
+
+def _cpu_rates(use_cache: bool) -> tuple[float, float, bool]:
+    """cpu_rates, and whether they come from a quiet machine."""
     import torch
 
     from ..files import cache_root
@@ -123,7 +129,7 @@ def cpu_rates(use_cache: bool = True) -> tuple[float, float]:
     if not isinstance(entry, dict) or time.time() - entry.get("measured_at", 0) > CPU_RATE_MAX_AGE_DAYS * 86400:
         entry = None  # none, expired, or the old unchecked [flops, op_seconds] format: measure again
     if entry is not None and entry.get("quiet"):
-        return float(entry["flops"]), float(entry["op_seconds"])
+        return float(entry["flops"]), float(entry["op_seconds"]), True
     quiet = _load_per_core() < QUIET_LOAD_PER_CORE
     flops, op_seconds = _measure_cpu_rates()
     if entry is not None:  # a busy measurement from before: keep the best of both
@@ -135,7 +141,7 @@ def cpu_rates(use_cache: bool = True) -> tuple[float, float]:
             path.write_text(json.dumps({**cached, key: record}, indent=1), encoding="utf-8")
         except OSError:
             pass  # a read-only home only costs re-measuring next time
-    return flops, op_seconds
+    return flops, op_seconds, quiet
 
 
 def gpu_spec(gpu: str = "cpu", memory_gb: float | None = None) -> GpuSpec:
@@ -143,8 +149,9 @@ def gpu_spec(gpu: str = "cpu", memory_gb: float | None = None) -> GpuSpec:
     gpu = gpu.lower()
     if gpu == "cpu":
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        flops, op_seconds = cpu_rates()
-        spec = GpuSpec("cpu", ram, flops, False, f"this CPU ({os.cpu_count()} cores, rates measured)", op_seconds)
+        flops, op_seconds, quiet = _cpu_rates(use_cache=True)
+        how = "rates measured" if quiet else "rates measured while other jobs ran: the times are upper bounds"
+        spec = GpuSpec("cpu", ram, flops, False, f"this CPU ({os.cpu_count()} cores, {how})", op_seconds)
     elif gpu in GPUS:
         spec = GPUS[gpu]
     else:
@@ -200,11 +207,18 @@ def step_time(
     micro_batches: int = 1,
     gradient_checkpointing: bool = False,
     quantization: str = "none",
+    labelled_tokens: float | None = None,
 ) -> TimeEstimate:
     """Seconds per optimizer step: FLOPs per token x tokens / sustained FLOP/s (a stated share of the
     device's peak), plus a fixed cost per operator for each micro-batch (n_adapters: LoRA-wrapped
-    linear layers per transformer layer)."""
-    per_token, formula = flops_per_token(shape, n_lora, int(seq_len), gradient_checkpointing)
+    linear layers per transformer layer). `labelled_tokens` (per step): only those reach the output
+    head (train.labelled_logits_only), at 6*V*d each: forward, its recomputation, the input gradient."""
+    per_token, formula = flops_per_token(
+        shape, n_lora, int(seq_len), gradient_checkpointing, head=labelled_tokens is None
+    )
+    if labelled_tokens is not None and tokens > 0:
+        per_token += 6 * shape.vocab_size * shape.hidden_size * labelled_tokens / tokens
+        formula += " (N without the output head) + 6*V*d per labelled position"
     if spec.name == "cpu":
         rate, how = spec.peak_flops * CPU_EFFICIENCY, f"{CPU_EFFICIENCY:.0%} of the measured matmul rate"
     else:

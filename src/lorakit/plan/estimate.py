@@ -131,6 +131,7 @@ class Batches:
     tokens_per_micro_batch: float  # on average, padding included: what the compute is spent on
     mean_row: float  # mean row length (the attention's span)
     computed_tokens: int  # per epoch, padding included
+    labelled_per_micro_batch: float | None = None  # positions that predict a labelled token, on average
 
     @property
     def packed(self) -> bool:
@@ -142,17 +143,23 @@ def _labelled(feature: dict[str, list[int]]) -> int:
     return sum(1 for label in feature["labels"][1:] if label != IGNORE)
 
 
-def plan_batches(config: LorakitConfig, lengths: DataLengths, task_type: str, max_length: int | None = None) -> Batches:
+def plan_batches(
+    config: LorakitConfig,
+    lengths: DataLengths,
+    task_type: str,
+    max_length: int | None = None,
+    mode: str | None = None,
+) -> Batches:
     """The micro-batches of one epoch: packed with prompting.packing's own planner (the one training
     uses, same seed) when train.packing packs and the features are known, else padded.
 
     `max_length` overrides template.max_length (fitting tries shorter ones): longer examples are
-    cut from the front, as shortening their context does.
+    cut from the front, as shortening their context does. `mode` overrides train.packing's choice.
     """
     from ..prompting.packing import build_units, fill_rows, plan_micro_batches
 
     t, limit = config.train, max_length or config.template.max_length
-    mode = packing_mode(config, task_type)
+    mode = mode or packing_mode(config, task_type)
     if mode != "off" and lengths.features:
         features = [
             {key: values[-limit:] for key, values in f.items()} if len(f["input_ids"]) > limit else f
@@ -161,16 +168,17 @@ def plan_batches(config: LorakitConfig, lengths: DataLengths, task_type: str, ma
         share = mode == "passages"
         budget = t.batch_tokens or t.micro_batch_size * limit
         options = dict(micro_batch_size=t.micro_batch_size, batch_tokens=budget, max_length=limit, share=share)
-        shapes, computed, widths = set(), 0, 0
+        shapes, computed, widths, labelled_sum = set(), 0, 0, 0
         planned = plan_micro_batches(features, seed=t.seed, **options)
         for batch in planned:
             items = [features[i] for i in batch]
             rows = fill_rows(build_units(items, limit, share), limit)
             width = max(sum(len(unit) for unit in row) for row in rows)
-            shapes.add((len(rows), width, sum(_labelled(f) for f in items)))
-            computed, widths = computed + len(rows) * width, widths + width
+            labelled = sum(_labelled(f) for f in items)
+            shapes.add((len(rows), width, labelled))
+            computed, widths, labelled_sum = computed + len(rows) * width, widths + width, labelled_sum + labelled
         n = len(planned)
-        return Batches(mode, sorted(shapes), None, n, computed / n, widths / n, computed)
+        return Batches(mode, sorted(shapes), None, n, computed / n, widths / n, computed, labelled_sum / n)
     # padded (also when packing but the tokenizer was unavailable): peak memory at the longest
     # example, time at the mean padded length
     micro = t.micro_batch_size
@@ -180,13 +188,15 @@ def plan_batches(config: LorakitConfig, lengths: DataLengths, task_type: str, ma
         mean = _padded_mean([min(n, limit) for n in lengths.lengths], micro, t.group_by_length, t.seed)
         if lengths.target_lengths:
             mean += sum(lengths.target_lengths) / len(lengths.target_lengths)
-        labelled = sum(sorted((_labelled(f) for f in lengths.features), reverse=True)[:micro]) or None
+        counts = [_labelled(f) for f in lengths.features]
+        labelled = sum(sorted(counts, reverse=True)[:micro]) or None
+        mean_labelled = micro * sum(counts) / len(counts) if counts else None
         count = len(lengths.lengths)
     else:
-        seq, mean, labelled, count = limit, float(limit), None, lengths.n_train
+        seq, mean, labelled, mean_labelled, count = limit, float(limit), None, None, lengths.n_train
         target = limit if task_type == "seq2seq" else None
     n = max(1, -(-count // micro))
-    return Batches("off", [(micro, seq, labelled)], target, n, micro * mean, mean, int(mean * count))
+    return Batches("off", [(micro, seq, labelled)], target, n, micro * mean, mean, int(mean * count), mean_labelled)
 
 
 def peak_memory(
@@ -248,13 +258,20 @@ def estimate_memory(
 
 
 def estimate_time(
-    config: LorakitConfig, shape: ModelShape, gpu, mean_len: float, seq_len: float | None = None
+    config: LorakitConfig,
+    shape: ModelShape,
+    gpu,
+    mean_len: float,
+    seq_len: float | None = None,
+    labelled: float | None = None,
 ) -> TimeEstimate:
     """Seconds per optimizer step for this config on `gpu` with micro-batches of micro_batch_size x
-    `mean_len` tokens (padding included) in rows of `seq_len` tokens (default `mean_len`)."""
+    `mean_len` tokens (padding included) in rows of `seq_len` tokens (default `mean_len`), of which
+    `labelled` (None: unknown) predict a labelled token."""
     spec = gpu if isinstance(gpu, GpuSpec) else gpu_spec(gpu)
     modules = lora_modules(shape, config.lora.target_modules)
     t = config.train
+    head_only_labelled = t.labelled_logits_only and not shape.is_seq2seq and shape.plain_logits
     return step_time(
         shape,
         spec,
@@ -265,4 +282,5 @@ def estimate_time(
         micro_batches=t.gradient_accumulation,
         gradient_checkpointing=t.gradient_checkpointing,
         quantization=config.model.quantization,
+        labelled_tokens=labelled * t.gradient_accumulation if head_only_labelled and labelled is not None else None,
     )

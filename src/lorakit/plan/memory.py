@@ -282,15 +282,17 @@ def labelled_logits_bytes(shape: ModelShape, labelled: int, act_bytes: int) -> i
     )
 
 
-def flops_per_token(shape: ModelShape, n_lora: int, seq_len: int, gradient_checkpointing: bool) -> tuple[float, str]:
+def flops_per_token(
+    shape: ModelShape, n_lora: int, seq_len: int, gradient_checkpointing: bool, head: bool = True
+) -> tuple[float, str]:
     """Training FLOPs per token for LoRA on frozen weights.
 
-    N = matmul parameters (every linear layer plus the output head; embeddings are lookups).
-    Forward 2N; backward 2N for the activation gradients only (frozen weights get no weight
-    gradients); LoRA weights 6 per parameter; attention scores 4*s*d_attn per layer forward, x3
-    with backward; checkpointing adds one more forward.
+    N = matmul parameters (every linear layer plus the output head unless `head` is False;
+    embeddings are lookups). Forward 2N; backward 2N for the activation gradients only (frozen
+    weights get no weight gradients); LoRA weights 6 per parameter; attention scores 4*s*d_attn per
+    layer forward, x3 with backward; checkpointing adds one more forward.
     """
-    n_matmul = shape.linear_params + shape.vocab_size * shape.hidden_size
+    n_matmul = shape.linear_params + (shape.vocab_size * shape.hidden_size if head else 0)
     layers = shape.num_layers + shape.num_decoder_layers
     attn = 4 * seq_len * shape.num_heads * shape.head_dim * layers
     forward = 2 * n_matmul + attn

@@ -105,12 +105,15 @@ def plan_run(
         spec,
         batches.tokens_per_micro_batch / config.train.micro_batch_size,
         batches.mean_row,
+        batches.labelled_per_micro_batch,
     )
     tokens = sum(lengths.lengths) if lengths.lengths else config.template.max_length * lengths.n_train
     if batches.packed:
+        padded = plan_batches(config, lengths, task_type, mode="off").computed_tokens
         notes.append(
-            f"packing {batches.mode}: {batches.computed_tokens} tokens per epoch to compute instead of {tokens} "
-            f"({tokens / max(batches.computed_tokens, 1):.2f}x fewer); the peak micro-batch is {rows} row(s) x {seq} tokens"
+            f"packing {batches.mode}: {batches.computed_tokens} tokens per epoch to compute (row padding included) "
+            f"against {padded} padded one example per row ({padded / max(batches.computed_tokens, 1):.2f}x) and "
+            f"{tokens} in the examples; the peak micro-batch is {rows} row(s) x {seq} tokens"
         )
     elif packing_mode(config, task_type) != "off":
         notes.append("packing not planned (the tokenizer is unavailable): planned as padded micro-batches")
