@@ -135,6 +135,13 @@ def main() -> int:
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, as `lorakit train --set` (e.g. train.packing=off)",
+    )
     args = parser.parse_args()
     if not DATA.is_file():
         print(f"skipped: {DATA} is absent (this benchmark reads the shared SQuAD v1.1 dev part A).")
@@ -142,7 +149,6 @@ def main() -> int:
 
     from lorakit.demo.hubless import ensure_smollm2
     from lorakit.evaluate.runner import evaluate_path
-    from lorakit.runs import read_metrics
     from lorakit.train.recipe import train
 
     out = Path(args.out)
@@ -150,14 +156,21 @@ def main() -> int:
     model_dir = ensure_smollm2()
     train_path, test_path = write_subsets(args.train, args.test, out / "data")
     config = bench_config(model_dir, train_path, test_path, out, args.epochs)
+    if args.set:
+        from lorakit.config_loading import _set_dotted, parse_overrides, validate_config
+
+        tree = config.model_dump(mode="json")
+        for key, value in parse_overrides(args.set):
+            _set_dotted(tree, key, value)
+        config = validate_config(tree, "--set")
     tokens = token_stats(config)
 
     phase = time.perf_counter()
     paths = train(config)
     train_s = time.perf_counter() - phase
-    seen = (
-        max((r.get("tokens_seen", 0) for r in read_metrics(paths.metrics)), default=0) or tokens["tokens"] * args.epochs
-    )
+    # the work done, counted as unpacked tokens: with packing a shared passage is computed once,
+    # and the Trainer's tokens_seen counts only what was computed
+    seen = tokens["tokens"] * args.epochs
 
     phase = time.perf_counter()
     summary = evaluate_path(paths.root, split="test", compare_base=True, verbose=False)
