@@ -1,17 +1,23 @@
 """Batched evaluation against one-question-at-a-time generation, measured in the same run.
 
 Answers SQuAD v1.1 questions (with their passages) from ../shared/data/squad-v1.1-dev-part-a.json
-with SmolLM2-135M-Instruct and its own chat template, greedy. The batched pass answers all --n
-questions through lorakit's generate_batched (left padding, length-sorted batches, KV cache,
-per-row stop); the baseline answers the first --one-at-a-time-n of them one by one through the
-same code with batch size 1, and its per-question time is extrapolated to --n (printed as such).
-Both passes' answers are compared on the shared questions.
+with SmolLM2-135M-Instruct and its own chat template, greedy. Three passes, same code, same prompts:
+
+- batched, shared prefixes: lorakit's generate_batched as `lorakit eval` runs it: the questions on
+  one passage have the passage (and everything before it) encoded once, its KV cache copied to
+  each question's row (inference.prefix_cache); then left-padded batches, per-row stop.
+- batched, no prefix sharing: the same batches with every prompt encoded whole (share_prefixes
+  off): what batching alone gives.
+- one at a time: the first --one-at-a-time-n questions with batch size 1, its per-question time
+  extrapolated to --n (printed as such).
+
+The answers of both batched passes are compared with the one-at-a-time answers on the shared questions.
 
     .venv/bin/python bench/bench_generation.py [--n 200] [--one-at-a-time-n 40] [--batch-size 32]
-        [--max-new-tokens 32] [--closed-book] [--model PATH] [--device cpu|cuda]
+        [--max-new-tokens 32] [--closed-book] [--model PATH] [--device cpu|cuda] [--threads N]
 
-On a CPU, prefilling long passages is compute-bound and batching cannot shrink it, so the ratio
-with passages is far below the one for short (--closed-book) prompts, where decoding dominates.
+On a CPU, prefilling long passages is compute-bound and batching alone cannot shrink it; encoding
+each passage once for all its questions does (--closed-book: short prompts, decoding dominates).
 
 The model is the converted SmolLM2 cache (lorakit.demo.hubless) when it exists, else --model PATH
 (any chat model folder). Skips with a message when the data file or the model is absent.
@@ -50,6 +56,12 @@ def main() -> int:
         help="ask without the passage: short prompts, so decoding (what batching speeds up) dominates",
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's own); on a CPU other jobs share, 1 avoids threads waiting on each other",
+    )
     args = parser.parse_args()
 
     if not DATA.is_file():
@@ -66,7 +78,10 @@ def main() -> int:
     from lorakit.evaluate.answers import extract_answer
     from lorakit.evaluate.metrics import corpus_metrics
     from lorakit.inference.predictor import load_predictor
+    from lorakit.inference.prefix_cache import group_by_prefix, prefix_batches
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     examples = load_examples(str(DATA)).examples[: args.n]
     single_n = min(args.one_at_a_time_n, len(examples))
@@ -87,11 +102,25 @@ def main() -> int:
         f"{', closed book (no passage)' if args.closed_book else ', with passages'}"
     )
 
+    # the prompt tokens the shared pass runs through prefill: each batch's distinct prefixes + suffixes
+    groups = [g for g in group_by_prefix(prompts) if len(g.members) > 1]
+    prefixes = sum(g.length for b in prefix_batches(groups, args.batch_size) for g in b.groups)
+    prompt_tokens = sum(lengths)
+    prefilled = prompt_tokens - sum(g.length * len(g.members) for g in groups) + prefixes
+    print(
+        f"shared prefixes: {sum(len(g.members) for g in groups)} questions in {len(groups)} groups; prefill "
+        f"{prefilled} of {prompt_tokens} prompt tokens ({prompt_tokens / prefilled:.1f}x fewer)"
+    )
+
     predictor.generate_prompts(prompts[:2], batch_size=2, max_new_tokens=2)  # warm-up, not timed
 
     started = time.perf_counter()
     batched = predictor.generate_prompts(prompts, batch_size=args.batch_size, **decoding)
     batched_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    unshared = predictor.generate_prompts(prompts, batch_size=args.batch_size, share_prefixes=False, **decoding)
+    unshared_s = time.perf_counter() - started
 
     started = time.perf_counter()
     single = [predictor.generate_prompts([p], batch_size=1, **decoding)[0] for p in prompts[:single_n]]
@@ -100,6 +129,7 @@ def main() -> int:
     extrapolated = per_question * len(examples)
 
     same = sum(a.text == b.text for a, b in zip(batched, single))
+    same_unshared = sum(a.text == b.text for a, b in zip(unshared, single))
     new_tokens = sum(g.completion_tokens for g in batched)
     quality = corpus_metrics(
         [extract_answer(g.text) for g in batched],
@@ -107,15 +137,25 @@ def main() -> int:
         finish_reasons=[g.finish_reason for g in batched],
     )
     print(
-        f"batched (batch {args.batch_size}): {batched_s:.1f} s for {len(examples)} questions "
+        f"batched, shared prefixes (batch {args.batch_size}): {batched_s:.1f} s for {len(examples)} questions "
         f"({batched_s / len(examples):.3f} s/question, {new_tokens / batched_s:.1f} new tokens/s)"
+    )
+    print(
+        f"batched, no prefix sharing (batch {args.batch_size}): {unshared_s:.1f} s "
+        f"({unshared_s / len(examples):.3f} s/question)"
     )
     print(
         f"one at a time: {single_s:.1f} s for {single_n} questions ({per_question:.3f} s/question); "
         f"extrapolated to {len(examples)} questions: {extrapolated:.1f} s"
     )
-    print(f"speed-up (one-at-a-time / batched, per question): {extrapolated / batched_s:.1f}x  (target 10x)")
-    print(f"identical greedy answers on the {single_n} shared questions: {same}/{single_n}")
+    print("speed-up over one at a time, per question:")
+    print(f"  batched, shared prefixes:   {extrapolated / batched_s:.1f}x  (target 10x)")
+    print(f"  batched, no prefix sharing: {extrapolated / unshared_s:.1f}x")
+    print(f"  shared prefixes over no sharing: {unshared_s / batched_s:.1f}x")
+    print(
+        f"identical greedy answers on the {single_n} shared questions: shared prefixes {same}/{single_n}, "
+        f"no sharing {same_unshared}/{single_n}"
+    )
     print(
         f"batched answers: EM {quality['exact_match']:.1f}  F1 {quality['f1']:.1f}  "
         f"never-stops {quality['never_stops_rate']:.1f}%"

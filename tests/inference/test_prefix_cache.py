@@ -208,3 +208,20 @@ def test_a_cache_that_cannot_be_copied_falls_back_to_the_plain_path(llama, monke
     shared = generate_batched(model, tokenizer, PROMPTS, max_new_tokens=MAX_NEW, batch_size=4)
     assert prepared == [None]  # tried once, then every row the plain way
     assert ids_of(shared) == ids_of(alone(model, tokenizer, PROMPTS))
+
+
+def test_preallocated_cache_layer_writes_in_place_then_concatenates_past_its_room():
+    layer_class = prefix_cache._preallocated_layer_class()
+    keys, values = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    layer = layer_class(keys, values, capacity=7)
+    buffer = layer.key_buffer
+    new_keys, new_values = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4)
+    k, v = layer.update(new_keys, new_values)
+    assert k.data_ptr() == buffer.data_ptr()  # written into the buffer, not a new tensor
+    assert torch.equal(k, torch.cat([keys, new_keys], dim=2)) and torch.equal(v, torch.cat([values, new_values], 2))
+    assert layer.get_seq_length() == 7
+    more = torch.randn(2, 3, 1, 4)
+    k, v = layer.update(more, more)  # no room left: the plain DynamicLayer way
+    assert torch.equal(k, torch.cat([keys, new_keys, more], dim=2)) and layer.get_seq_length() == 8
+    k, v = layer.update(more, more)
+    assert torch.equal(v, torch.cat([values, new_values, more, more], dim=2))

@@ -282,7 +282,7 @@ def generate_batched(
         with torch.inference_mode():
             batches = prefix_batches(shared, batch_size)
             for n, batch in enumerate(batches):
-                prepared = encode_prefixes(model, encoded, batch, pad_id, device)
+                prepared = encode_prefixes(model, encoded, batch, pad_id, device, max_new_tokens)
                 if prepared is None:  # this model's cache cannot be shared: the plain way for these rows
                     plain = sorted(plain + [i for b in batches[n:] for i in b.rows], key=lambda i: -len(encoded[i]))
                     break

@@ -140,9 +140,11 @@ class Predictor:
         stop_strings: Sequence[str] | None = None,
         seed: int | None = None,
         cancelled: Callable[[int], bool] | None = None,
+        share_prefixes: bool = True,
     ) -> list[Generation]:
         """Complete raw prompts (text, or ids), stopping at the template's stop strings too.
-        cancelled(i) True ends prompt i early (see generate_batched)."""
+        cancelled(i) True ends prompt i early; share_prefixes: a common start (a passage) is
+        encoded once for all its questions (see generate_batched)."""
         self._activate()
         return generate_batched(
             self.model,
@@ -156,6 +158,7 @@ class Predictor:
             stop_strings=self._stops(stop_strings),
             seed=seed,
             cancelled=cancelled,
+            share_prefixes=share_prefixes,
         )
 
     def generate(
@@ -172,7 +175,8 @@ class Predictor:
             conversations: each a list of {"role", "content"} messages, ending with the user's turn.
             contexts: one passage (or None) per conversation, for templates with a context.
             max_new_tokens: the longest reply, in tokens.
-            **decoding: temperature, top_p, batch_size, stop_strings, seed (see generate_prompts).
+            **decoding: temperature, top_p, batch_size, stop_strings, seed, share_prefixes
+                (see generate_prompts).
 
         Returns:
             One Generation per conversation: text, finish_reason ("stop" or "length"), token counts.
