@@ -6,8 +6,8 @@ with SmolLM2-135M-Instruct and its own chat template, greedy. Three passes, same
 - batched, shared prefixes: lorakit's generate_batched as `lorakit eval` runs it: the questions on
   one passage have the passage (and everything before it) encoded once, its KV cache copied to
   each question's row (inference.prefix_cache); then left-padded batches, per-row stop.
-- batched, no prefix sharing: the same batches with every prompt encoded whole (share_prefixes
-  off): what batching alone gives.
+- batched, no prefix sharing: length-sorted, left-padded batches of --batch-size prompts, each
+  encoded whole (share_prefixes off): what batching alone gives.
 - one at a time: the first --one-at-a-time-n questions with batch size 1, its per-question time
   extrapolated to --n (printed as such).
 
@@ -41,6 +41,29 @@ def find_model(given: str | None) -> Path | None:
 
     folder = model_dir()
     return folder if is_converted(folder) else None
+
+
+def plain_prefill(prompts: list[list[int]], batch_size: int) -> tuple[int, int]:
+    """(prompt tokens, positions computed with padding) of length-sorted, left-padded batches."""
+    lengths = sorted((len(p) for p in prompts), reverse=True)
+    chunks = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)]
+    return sum(lengths), sum(len(c) * c[0] for c in chunks)
+
+
+def shared_prefill(prompts: list[list[int]], batch_size: int) -> tuple[list, int, int]:
+    """(the shared groups, prompt tokens prefilled, positions computed with padding) when each
+    batch encodes its distinct prefixes once, then every row's suffix; unshared prompts plainly."""
+    from lorakit.inference.prefix_cache import group_by_prefix, prefix_batches
+
+    groups = [g for g in group_by_prefix(prompts) if len(g.members) > 1]
+    real = slots = 0
+    for batch in prefix_batches(groups, batch_size):
+        suffixes = [len(prompts[i]) - batch.groups[g].length for i, g in zip(batch.rows, batch.row_group)]
+        real += sum(g.length for g in batch.groups) + sum(suffixes)
+        slots += len(batch.groups) * max(g.length for g in batch.groups) + len(suffixes) * max(suffixes)
+    grouped = {i for g in groups for i in g.members}
+    plain_real, plain_slots = plain_prefill([p for i, p in enumerate(prompts) if i not in grouped] or [[]], batch_size)
+    return groups, real + plain_real, slots + plain_slots
 
 
 def main() -> int:
@@ -78,7 +101,6 @@ def main() -> int:
     from lorakit.evaluate.answers import extract_answer
     from lorakit.evaluate.metrics import corpus_metrics
     from lorakit.inference.predictor import load_predictor
-    from lorakit.inference.prefix_cache import group_by_prefix, prefix_batches
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,14 +124,12 @@ def main() -> int:
         f"{', closed book (no passage)' if args.closed_book else ', with passages'}"
     )
 
-    # the prompt tokens the shared pass runs through prefill: each batch's distinct prefixes + suffixes
-    groups = [g for g in group_by_prefix(prompts) if len(g.members) > 1]
-    prefixes = sum(g.length for b in prefix_batches(groups, args.batch_size) for g in b.groups)
-    prompt_tokens = sum(lengths)
-    prefilled = prompt_tokens - sum(g.length * len(g.members) for g in groups) + prefixes
+    groups, real, slots = shared_prefill(prompts, args.batch_size)
+    _, plain_slots = plain_prefill(prompts, args.batch_size)
     print(
         f"shared prefixes: {sum(len(g.members) for g in groups)} questions in {len(groups)} groups; prefill "
-        f"{prefilled} of {prompt_tokens} prompt tokens ({prompt_tokens / prefilled:.1f}x fewer)"
+        f"{real} of {sum(lengths)} prompt tokens ({sum(lengths) / real:.1f}x fewer); positions computed with "
+        f"padding: {slots} shared, {plain_slots} without sharing"
     )
 
     predictor.generate_prompts(prompts[:2], batch_size=2, max_new_tokens=2)  # warm-up, not timed

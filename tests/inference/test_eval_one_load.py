@@ -5,12 +5,15 @@ answer is the one its question gets alone, in both passes."""
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
+import pytest
 from tiny import make_run
 
 from lorakit.data import load_examples
 from lorakit.evaluate.answers import extract_answer
+from lorakit.evaluate.perplexity import reference_perplexity
 from lorakit.evaluate.runner import evaluate_path
 from lorakit.inference.predictor import load_predictor
 
@@ -78,3 +81,16 @@ def test_compare_base_loads_once_and_answers_as_each_question_alone(tiny_llama_d
     assert [line["prediction"] for line in lines] == with_adapter
     assert [line["base_prediction"] for line in lines] == without
     assert with_adapter != without  # the base pass really ran with the adapter off
+
+    # perplexity (shared passages encoded once) is the plain computation's, in both passes
+    prompts = [
+        predictor.prompt_ids(
+            examples[line["id"]].prompt_messages(), examples[line["id"]].context, max_new_tokens=MAX_NEW
+        )
+        for line in lines
+    ]
+    references = [examples[line["id"]].answers[0] for line in lines]
+    for key, context in (("adapter", nullcontext), ("base", predictor.base_model)):
+        with context():
+            expected = reference_perplexity(predictor.model, predictor.tokenizer, prompts, references, batch_size=16)
+        assert result[key]["perplexity"] == pytest.approx(expected, rel=1e-5)

@@ -225,3 +225,10 @@ def test_preallocated_cache_layer_writes_in_place_then_concatenates_past_its_roo
     assert torch.equal(k, torch.cat([keys, new_keys, more], dim=2)) and layer.get_seq_length() == 8
     k, v = layer.update(more, more)
     assert torch.equal(v, torch.cat([values, new_values, more, more], dim=2))
+
+
+def test_models_with_their_own_cache_implementation_keep_the_plain_path(llama, monkeypatch):
+    model, tokenizer = llama
+    assert prefix_cache.can_share_prefixes(model)
+    monkeypatch.setattr(model.generation_config, "cache_implementation", "static")
+    assert not prefix_cache.can_share_prefixes(model)  # generate refuses a cache given alongside its own

@@ -103,7 +103,7 @@ def score_examples(
     """
     from .answers import extract_answer
     from .metrics import corpus_metrics
-    from .perplexity import reference_perplexity
+    from .shared_perplexity import reference_perplexity_shared
 
     conversations = [ex.prompt_messages() for ex in examples]
     contexts = [ex.context for ex in examples]
@@ -135,7 +135,7 @@ def score_examples(
         predictor.prompt_ids(m, c, max_new_tokens=decoding["max_new_tokens"]) for m, c in zip(conversations, contexts)
     ]
     targets = [ex.target or (ex.answers[0] if ex.answers else no_answer) for ex in examples]
-    metrics["perplexity"] = reference_perplexity(
+    metrics["perplexity"] = reference_perplexity_shared(
         predictor.model,
         predictor.tokenizer,
         prompts,

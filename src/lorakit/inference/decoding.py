@@ -1,8 +1,10 @@
 """Batched generation that stops when it should, and answer extraction from what it produced.
 
 Causal models are fed left-padded batches (so every row's next token sits in the last column),
-sorted by length to waste little compute on padding. A row is finished by EOS or by one of the
-template's stop strings; the batch ends when every row is finished.
+sorted by length to waste little compute on padding. Greedy prompts that share a long start
+(several questions on one passage) have it encoded once per batch and its cache reused
+(prefix_cache.py). A row is finished by EOS or by one of the template's stop strings; the batch
+ends when every row is finished.
 """
 
 from __future__ import annotations

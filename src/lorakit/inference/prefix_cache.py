@@ -97,9 +97,9 @@ def prefix_batches(groups: Sequence[PrefixGroup], batch_size: int) -> list[Prefi
     """Rows in batches of batch_size, longest prefix first; a group may span two batches
     (its prefix is then encoded once in each)."""
     rows = [(i, group) for group in sorted(groups, key=lambda g: -g.length) for i in group.members]
-    batches = []
-    for start in range(0, len(rows), max(1, batch_size)):
-        piece = rows[start : start + batch_size]
+    batches, size = [], max(1, batch_size)
+    for start in range(0, len(rows), size):
+        piece = rows[start : start + size]
         distinct: list[PrefixGroup] = []
         for _, group in piece:
             if not any(group is g for g in distinct):
@@ -115,13 +115,21 @@ def _inner(model: PreTrainedModel) -> Any:
     return get_base() if callable(get_base) else model
 
 
+def forward_parameters(model: PreTrainedModel) -> set[str]:
+    """The keyword arguments the model's own forward takes (through a peft wrapper)."""
+    return set(inspect.signature(_inner(model).forward).parameters)
+
+
 def can_share_prefixes(model: PreTrainedModel) -> bool:
-    """Decoder-only models that take position ids (else padding inside a row would shift positions)."""
+    """Decoder-only models that take position ids (else padding inside a row would shift positions)
+    and let generate use the cache it is given (no cache_implementation of their own)."""
     inner = _inner(model)
     config = getattr(inner, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
-    return "position_ids" in inspect.signature(inner.forward).parameters
+    if getattr(getattr(inner, "generation_config", None), "cache_implementation", None) is not None:
+        return False
+    return "position_ids" in forward_parameters(model)
 
 
 def _preallocated_layer_class() -> Any:
@@ -183,7 +191,7 @@ def encode_prefixes(
     prefix_ids, prefix_mask = _left_pad(prefixes, pad_id, device)
     # a padded slot's position does not matter (nothing attends to it); real tokens count from 0
     positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(_inner(model).forward).parameters else {}
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
     out = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True, **extra)
     cache = out.past_key_values
     layers: list[Any] = list(cache.layers) if isinstance(cache, DynamicCache) else []
