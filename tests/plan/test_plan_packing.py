@@ -213,3 +213,23 @@ def test_time_counts_the_output_head_only_at_labelled_positions():
     assert labelled.flops_per_token == pytest.approx(body + 6 * 32000 * 64 * 10 / 1000)
     assert everywhere.flops_per_token == pytest.approx(body + 4 * 32000 * 64)
     assert labelled.seconds_per_step < everywhere.seconds_per_step / 3  # the head dominates this narrow model
+
+
+def test_fitting_plans_the_packed_micro_batches(tiny_llama_dir):
+    from lorakit.plan.devices import gpu_spec
+    from lorakit.plan.fitting import fit_config
+
+    lengths = _hand_fixture()
+    shape = read_model_shape(str(tiny_llama_dir))
+    asked = config(tiny_llama_dir, max_length=32, micro_batch_size=4, gradient_accumulation=1)
+    need = {}
+    for micro in (4, 2):
+        trial = asked.model_copy(deep=True)
+        trial.train.micro_batch_size, trial.train.gradient_accumulation = micro, 4 // micro
+        need[micro] = plan_run(trial, "cpu", shape=shape, lengths=lengths, advise=False).memory.total
+    assert need[2] < need[4]
+    budget_gb = (need[2] + need[4]) / 2 / 2**30
+    fitted, choices = fit_config(asked, "cpu", budget_gb, shape=shape, lengths=lengths)
+    assert (fitted.train.micro_batch_size, fitted.train.gradient_accumulation) == (2, 2)
+    assert plan_run(fitted, "cpu", budget_gb, shape=shape, lengths=lengths).fits
+    assert gpu_spec("cpu", budget_gb).memory_bytes < need[4]
