@@ -36,6 +36,11 @@ def llama(tiny_llama_dir):
     return model, tokenizer
 
 
+# Token-exact comparisons are safe here: alone, the greedy top-1 logit of these prompts leads the
+# runner-up by at least 0.01 at every step, while the shared path's logits differ from the solo ones
+# by about 3e-6 (float32 noise at a logit scale of 11): over 1000x apart.
+
+
 def ids_of(generations) -> list[tuple[str, int]]:
     """raw_text holds every generated token (specials included); with the count it pins the ids."""
     return [(g.raw_text, g.completion_tokens) for g in generations]

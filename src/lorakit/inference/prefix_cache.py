@@ -17,6 +17,7 @@ alone, and attends to exactly the tokens it attends to then: the same answers, u
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -132,8 +133,9 @@ def can_share_prefixes(model: PreTrainedModel) -> bool:
     return "position_ids" in forward_parameters(model)
 
 
+@functools.cache
 def _preallocated_layer_class() -> Any:
-    """Made on first use: importing transformers' cache module at import time would cost every import."""
+    """Made once, on first use: importing transformers' cache module at import time would cost every import."""
     from transformers.cache_utils import DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
