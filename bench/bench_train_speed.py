@@ -11,43 +11,42 @@ seed 42, --steps optimizer steps (default: questions / 16 = 6). Rows:
   b  TRL SFTTrainer, prompt-completion (loss on the completion), no packing
   c  TRL SFTTrainer, packing (best-fit, padding-free); stopped after --trl-packing-cap-s seconds.
      Its micro-batch is 8 packed rows of up to 512 tokens, so its steps hold more questions
-  d  lorakit before issue 11: train.packing=off, train.labelled_logits_only=false
-  e  lorakit, labelled_logits_only only (packing=off)
-  f  lorakit, packing=examples (+ labelled_logits_only)
-  g  lorakit, packing=passages (+ labelled_logits_only): the default
+  d  lorakit before issue 11: train.packing=off, train.labelled_logits_only=false;  e  the same with
+     labelled_logits_only;  f  packing=examples + labelled_logits_only;  g  packing=passages +
+     labelled_logits_only (the default)
 
-Each row runs in a subprocess of its own (TRL's in --trl-python, a separate environment that
-lorakit never depends on; the others in this interpreter), so peak RSS is that process's own
-(os.wait4's ru_maxrss: model load included). In the child, Trainer.training_step is wrapped to
-count what each micro-batch holds. Definitions:
+Each row is a process of its own (TRL's in --trl-python, an environment lorakit never depends on),
+so peak RSS is its own (wait4's ru_maxrss, model load included); its Trainer.training_step is
+wrapped to count what each micro-batch holds. Definitions:
 
   wall s          on_train_begin -> on_train_end of the Trainer, less time spent saving checkpoints
-  questions       answers trained on: runs of labelled positions in the batches (one per question)
-  questions/s     questions / wall s
+  questions       answers trained on (runs of labelled positions in the batches); q/s: per wall s
   useful tok/s    questions x the mean unpacked length of a question (prompt + answer + EOS, as
                   lorakit encodes it without packing), / wall s: padding never counts and a shared
                   passage counts once per question. Exact when each question is seen once
   processed tok   input_ids positions the model actually ran (padding and packing included)
-  % peak          4 x parameters x processed tok / wall s, as a share of the float32 matmul rate
-                  measured here at start and end (the better of [4096,576]x[576,1536] and
-                  [4096,1536]x[1536,576]). 4 = forward (2) + backward to the activations (2); LoRA's
-                  own weight gradients and attention scores are left out (6 x with checkpointing)
+  % peak          4 x parameters x processed tok / wall s over the float32 matmul rate measured at
+                  start and end (the best of the MLP shapes [4096,576]x[576,1536] and its transpose):
+                  forward 2 + backward to the activations 2 (6 with checkpointing); LoRA's weight
+                  gradients and attention scores are left out
   vs TRL, vs nb   questions/s over the faster TRL row that finished its steps, and over row a;
                   RSS vs TRL is peak RSS over that TRL row's
 
-    .venv/bin/python bench/bench_train_speed.py [--questions 96] [--rows abcdefg] [--json OUT]
-    .venv/bin/python bench/bench_train_speed.py --quick     # 16 questions, 1 step, rows a,b,c,d,g
+    .venv/bin/python bench/bench_train_speed.py [--rows abcdefg] [--json OUT] [--quick: 16 q, 1 step, abcdg]
 
-The full run takes about 30 minutes on a 2-core CPU and needs ~18 GB free for row a; timings on
-a machine shared with other work are noisy, so only ratios from one run mean anything. TRL setup:
+About 30 minutes on an idle 2-core CPU; rows a and c need ~17-19 GB free (else the kernel kills
+them). Timings on a shared machine are noisy: only ratios from one run mean anything. Skips with a
+message without the data file or the cached model. TRL's environment:
     python3 -m venv /work/bench-env && /work/bench-env/bin/pip install torch==2.13.0 trl peft transformers datasets
-Skips with a message when the data file or the cached model is absent.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -78,8 +77,7 @@ ROWS: dict[str, tuple[str, str, dict]] = {
 def child_main(spec_path: str, result_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     callback = install_meter(spec, Path(result_path))
-    run = {"notebook": run_notebook, "trl": run_trl, "lorakit": run_lorakit}[spec["kind"]]
-    run(spec, callback)
+    (run_lorakit if spec["kind"] == "lorakit" else run_hf)(spec, callback)
     callback.save(done=True)
     return 0
 
@@ -87,17 +85,11 @@ def child_main(spec_path: str, result_path: str) -> int:
 def install_meter(spec: dict, result_path: Path):
     """A TrainerCallback that times the training loop and writes the result file after every step;
     Trainer.training_step and _save_checkpoint are wrapped to count batches and time saves."""
-    import torch
-    import transformers
     from transformers import Trainer, TrainerCallback
 
     result = {"steps": 0, "questions": 0, "processed_tokens": 0, "save_s": 0.0, "wall_s": None, "capped": False}
-    result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
-    for name in ("peft", "trl"):
-        try:
-            result["versions"][name] = __import__(name).__version__
-        except ImportError:
-            pass
+    found = [name for name in ("torch", "transformers", "peft", "trl") if importlib.util.find_spec(name)]
+    result["versions"] = {name: importlib.metadata.version(name) for name in found}
     step, save = Trainer.training_step, Trainer._save_checkpoint
 
     def training_step(trainer, model, inputs, *args, **kwargs):
@@ -146,80 +138,40 @@ def install_meter(spec: dict, result_path: Path):
     return Meter()
 
 
-def hf_arguments(spec: dict) -> dict:
-    """The TrainingArguments every hand-written row shares (lorakit builds its own from the config)."""
-    return dict(
-        output_dir=spec["work"],
-        max_steps=spec["steps"],
-        per_device_train_batch_size=MICRO,
-        gradient_accumulation_steps=ACCUM,
-        learning_rate=LR,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.03,
-        seed=SEED,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        gradient_checkpointing=spec["gradient_checkpointing"],
-        disable_tqdm=True,
-    )
-
-
-def load_model_and_lora(spec: dict):
+def run_hf(spec: dict, callback) -> None:
+    """Rows a-c, written as their users write them. The notebook: one text per example, padded to
+    max length, labels = input_ids with the pad id (= eos) masked by DataCollatorForLanguageModeling.
+    TRL: prompt / completion strings; SFTTrainer tokenizes them, appends EOS and trains on the completion."""
     import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers as hf
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
 
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    tokenizer = hf.AutoTokenizer.from_pretrained(spec["model"])
+    model = hf.AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     targets = spec["targets"] if spec["targets"] == "all-linear" else spec["targets"].split(",")
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM")
-    return tokenizer, model, lora
+    pairs = [json.loads(line) for line in Path(spec["pairs"]).read_text().splitlines()]
+    common = dict(output_dir=spec["work"], max_steps=spec["steps"], per_device_train_batch_size=MICRO, seed=SEED)
+    common |= dict(gradient_accumulation_steps=ACCUM, learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0.03)
+    common |= dict(logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True)
+    common |= dict(gradient_checkpointing=spec["gradient_checkpointing"])
+    if spec["kind"] == "trl":
+        from trl import SFTConfig, SFTTrainer
 
-
-def read_pairs(spec: dict) -> list[dict]:
-    return [json.loads(line) for line in Path(spec["pairs"]).read_text().splitlines()]
-
-
-def run_notebook(spec: dict, callback) -> None:
-    """The field's notebook: one text per example, padded to max length, labels = input_ids with
-    the pad id (= eos) masked by DataCollatorForLanguageModeling."""
-    from datasets import Dataset
-    from peft import get_peft_model
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
-
-    tokenizer, model, lora = load_model_and_lora(spec)
-    tokenizer.pad_token = tokenizer.eos_token
-    texts = [p["prompt"] + p["completion"] + tokenizer.eos_token for p in read_pairs(spec)]
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=spec["max_length"])
-    dataset = Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
-    model = get_peft_model(model, lora)
-    trainer = Trainer(
-        model=model,
-        args=TrainingArguments(**hf_arguments(spec)),
-        train_dataset=dataset,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        callbacks=[callback],
-    )
-    trainer.train()
-
-
-def run_trl(spec: dict, callback) -> None:
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    tokenizer, model, lora = load_model_and_lora(spec)
-    dataset = Dataset.from_list(read_pairs(spec))  # prompt / completion strings: TRL tokenizes, adds EOS
-    # TRL defaults to bf16, which this CPU runs at a crawl (and transformers refuses without use_cpu)
-    args = SFTConfig(**hf_arguments(spec), max_length=spec["max_length"], packing=spec["packing"], bf16=False)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=lora,
-        callbacks=[callback],
-    )
+        # TRL defaults to bf16, which this CPU runs at a crawl (and transformers refuses without use_cpu)
+        args = SFTConfig(**common, max_length=spec["max_length"], packing=spec["packing"], bf16=False)
+        trainer: hf.Trainer = SFTTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer, peft_config=lora
+        )
+    else:
+        tokenizer.pad_token = tokenizer.eos_token
+        texts = [p["prompt"] + p["completion"] + tokenizer.eos_token for p in pairs]
+        encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=spec["max_length"])
+        dataset = Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+        collator, args = hf.DataCollatorForLanguageModeling(tokenizer, mlm=False), hf.TrainingArguments(**common)
+        trainer = hf.Trainer(get_peft_model(model, lora), args, train_dataset=dataset, data_collator=collator)
+    trainer.add_callback(callback)
     trainer.train()
 
 
@@ -233,21 +185,10 @@ def lorakit_config(spec: dict, **train: object):
             "model": {"name_or_path": spec["model"], "precision": "float32"},
             "template": {"name": "context_qa", "max_length": spec["max_length"]},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": targets},
-            "train": {
-                "output_dir": spec["work"],
-                "run_name": "run",
-                "max_steps": spec["steps"],
-                "micro_batch_size": MICRO,
-                "gradient_accumulation": ACCUM,
-                "learning_rate": LR,
-                "seed": SEED,
-                "gradient_checkpointing": spec["gradient_checkpointing"],
-                "logging_steps": 1,
-                "best_metric": None,
-                "save_total_limit": 1,
-                "overwrite": True,
-                **train,
-            },
+            "train": {"output_dir": spec["work"], "run_name": "run", "max_steps": spec["steps"], "seed": SEED}
+            | {"micro_batch_size": MICRO, "gradient_accumulation": ACCUM, "learning_rate": LR, "logging_steps": 1}
+            | {"gradient_checkpointing": spec["gradient_checkpointing"], "best_metric": None, "overwrite": True}
+            | train,
         }
     )
 
@@ -261,24 +202,6 @@ def run_lorakit(spec: dict, callback) -> None:
 # --- the parent: data, matmul peak, one subprocess per row, the table ----------------------------
 
 
-def write_squad_subset(n: int, path: Path) -> None:
-    """The first n questions in file order, as official SQuAD JSON."""
-    squad = json.loads(DATA.read_text(encoding="utf-8"))
-    articles, count = [], 0
-    for article in squad["data"]:
-        paragraphs = []
-        for paragraph in article["paragraphs"]:
-            qas = paragraph["qas"][: n - count]
-            if qas:
-                paragraphs.append({"context": paragraph["context"], "qas": qas})
-                count += len(qas)
-        if paragraphs:
-            articles.append({"title": article["title"], "paragraphs": paragraphs})
-        if count >= n:
-            break
-    path.write_text(json.dumps({"version": "1.1", "data": articles}), encoding="utf-8")
-
-
 def write_pairs(spec: dict) -> list[int]:
     """lorakit's unpacked encoding of the questions, written as prompt/completion text for the
     rows that tokenize for themselves (so every row trains on the same text); returns the lengths."""
@@ -290,8 +213,7 @@ def write_pairs(spec: dict) -> list[int]:
         ids, labels = feature["input_ids"], feature["labels"]
         first = next(i for i, label in enumerate(labels) if label != -100)
         answer = [t for t in ids[first:] if t != tokenizer.eos_token_id]  # TRL appends its own EOS
-        pair = {"prompt": tokenizer.decode(ids[:first]), "completion": tokenizer.decode(answer)}
-        lines.append(json.dumps(pair))
+        lines.append(json.dumps({"prompt": tokenizer.decode(ids[:first]), "completion": tokenizer.decode(answer)}))
         lengths.append(len(ids))
     Path(spec["pairs"]).write_text("\n".join(lines) + "\n")
     return lengths
@@ -314,17 +236,9 @@ def matmul_gflops() -> float:
 
 def count_parameters(model_dir: Path) -> int:
     """Parameters from the safetensors header (tied weights are stored once)."""
-    raw = (model_dir / "model.safetensors").open("rb")
-    with raw:
+    with (model_dir / "model.safetensors").open("rb") as raw:
         header = json.loads(raw.read(int.from_bytes(raw.read(8), "little")))
-    total = 0
-    for name, entry in header.items():
-        if name != "__metadata__":
-            size = 1
-            for dim in entry["shape"]:
-                size *= dim
-            total += size
-    return total
+    return sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
 
 
 def run_row(python: str, spec: dict, work: Path, hard_limit_s: float) -> dict:
@@ -335,7 +249,8 @@ def run_row(python: str, spec: dict, work: Path, hard_limit_s: float) -> dict:
     with log_path.open("w") as log:
         command = [python, __file__, "--child", str(spec_path), str(result_path)]
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        timer = threading.Timer(hard_limit_s, proc.kill)
+        limit_hit = threading.Event()
+        timer = threading.Timer(hard_limit_s, lambda: (limit_hit.set(), proc.kill()))
         timer.start()
         _, status, usage = os.wait4(proc.pid, 0)
         timer.cancel()
@@ -343,20 +258,19 @@ def run_row(python: str, spec: dict, work: Path, hard_limit_s: float) -> dict:
     result = json.loads(result_path.read_text()) if result_path.is_file() else {}
     result.update(rc=proc.returncode, rss_gb=usage.ru_maxrss * 1024 / 1e9, log=str(log_path))
     if proc.returncode != 0:
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
-        result["error"] = f"exit {proc.returncode}" + (" (killed at the hard limit)" if proc.returncode < 0 else "")
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-8:]
+        # a child killed by SIGKILL is past the hard limit, or else the kernel's out-of-memory victim
+        why = " (killed at the hard limit)" if limit_hit.is_set() else " (out of memory? see dmesg)"
+        result["error"] = f"exit {proc.returncode}" + (why if proc.returncode == -9 else "")
         print(f"    {result['error']}; last lines of {log_path}:\n      " + "\n      ".join(tail), flush=True)
     return result
 
 
-def summarise(key: str, r: dict, steps: int, mean_len: float, params: int, gflops: float, flops_per: int) -> dict:
-    out = {"row": key, "label": ROWS[key][0], **r}
-    wall, questions = r.get("wall_s"), r.get("questions", 0)
-    out["finished"] = r.get("rc") == 0 and r.get("steps", 0) >= steps
-    if wall and questions:
-        out["questions_per_s"] = questions / wall
-        out["useful_tokens_per_s"] = questions * mean_len / wall
-        out["peak_share"] = flops_per * params * r["processed_tokens"] / wall / (gflops * 1e9)
+def summarise(key: str, r: dict, steps: int, mean_len: float) -> dict:
+    out = {"row": key, "label": ROWS[key][0], **r, "finished": r.get("rc") == 0 and r.get("steps", 0) >= steps}
+    if r.get("wall_s") and r.get("questions"):
+        out["questions_per_s"] = r["questions"] / r["wall_s"]
+        out["useful_tokens_per_s"] = r["questions"] * mean_len / r["wall_s"]
     return out
 
 
@@ -394,7 +308,6 @@ def main() -> int:
     parser.add_argument("--steps", type=int, help="optimizer steps (default: questions / 16)")
     parser.add_argument("--rows", default="abcdefg", help="which rows, e.g. adg")
     parser.add_argument("--targets", default="all-linear", help="LoRA targets: all-linear or e.g. q_proj,v_proj")
-    parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="in every row")
     parser.add_argument("--trl-python", default=str(TRL_PYTHON) if TRL_PYTHON.is_file() else None)
     parser.add_argument("--trl-packing-cap-s", type=float, default=600.0)
@@ -419,21 +332,16 @@ def main() -> int:
     gflops = matmul_gflops()
     params = count_parameters(model)
     flops_per = 6 if args.gradient_checkpointing else 4
-    print(f"lorakit at {commit.stdout.strip()[:90]}")
-    print(f"float32 matmul: {gflops:.0f} GFLOP/s; SmolLM2: {params / 1e6:.1f}M parameters", flush=True)
+    print(
+        f"lorakit at {commit.stdout.strip()[:90]}\nfloat32 matmul: {gflops:.0f} GFLOP/s; {params / 1e6:.1f}M parameters"
+    )
 
     work_root = Path(tempfile.mkdtemp(prefix="bench-train-speed-"))
-    base = {
-        "model": str(model),
-        "squad": str(work_root / "squad.json"),
-        "pairs": str(work_root / "pairs.jsonl"),
-        "steps": steps,
-        "max_length": args.max_length,
-        "targets": args.targets,
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "work": str(work_root / "prepare"),
-    }
-    write_squad_subset(args.questions, Path(base["squad"]))
+    base = dict(model=str(model), pairs=str(work_root / "pairs.jsonl"), steps=steps, max_length=512)
+    base |= dict(targets=args.targets, gradient_checkpointing=args.gradient_checkpointing, work=str(work_root / "prep"))
+    from squad_smollm2 import write_subsets  # the first n questions in file order (bench/ is on sys.path)
+
+    base["squad"] = str(write_subsets(args.questions, 1, work_root / "data")[0])
     lengths = write_pairs(base)
     mean_len = sum(lengths) / len(lengths)
     print(
@@ -463,31 +371,24 @@ def main() -> int:
             rows.append({"row": key, "label": label, "skipped": "skipped: no TRL environment (--trl-python)"})
             print("    skipped: no TRL environment; create /work/bench-env or pass --trl-python", flush=True)
             continue
-        row = summarise(key, run_row(python, spec, work, limit), steps, mean_len, params, gflops, flops_per)
+        row = summarise(key, run_row(python, spec, work, limit), steps, mean_len)
         rows.append(row)
-        if "steps" in row and not row["finished"]:
-            print(
-                f"    did not finish {steps} steps in {row.get('wall_s') or 0:.0f} s: {row['steps']} done", flush=True
-            )
         if "questions_per_s" in row:
+            unfinished = "" if row["finished"] else f"did not finish {steps} steps: {row['steps']} done in "
             print(
-                f"    {row['wall_s']:.0f} s, {row['questions']} questions, {row['questions_per_s']:.3f} q/s, "
-                f"{row['useful_tokens_per_s']:.1f} useful tok/s, {100 * row['peak_share']:.0f}% of matmul peak, "
+                f"    {unfinished}{row['wall_s']:.0f} s, {row['questions']} questions, {row['questions_per_s']:.3f} q/s, "
+                f"{row['useful_tokens_per_s']:.1f} useful tok/s, "
                 f"peak RSS {row['rss_gb']:.1f} GB",
                 flush=True,
             )
 
-    gflops_end = matmul_gflops()
-    if gflops_end > gflops:  # the peak is the better of the two measurements: rescale the shares
-        for row in rows:
-            if "peak_share" in row:
-                row["peak_share"] *= gflops / gflops_end
-        gflops = gflops_end
+    gflops = max(gflops, matmul_gflops())  # the peak: the better of the measurements at start and end
+    for row in rows:
+        if "questions_per_s" in row:
+            row["peak_share"] = flops_per * params * row["processed_tokens"] / row["wall_s"] / (gflops * 1e9)
     versions = next((r["versions"] for r in rows if ROWS[r["row"]][1] == "trl" and "versions" in r), None)
     print(f"\nSmolLM2-135M-Instruct, float32 CPU, {len(lengths)} SQuAD questions, {steps} steps of {MICRO}x{ACCUM}, ")
-    print(
-        f"LoRA r=16 {args.targets}, max length {args.max_length}; matmul peak {gflops:.0f} GFLOP/s; TRL env: {versions}\n"
-    )
+    print(f"LoRA r=16 {args.targets}, max length 512; matmul peak {gflops:.0f} GFLOP/s; TRL env: {versions}\n")
     print(table(rows, steps))
     if args.json:
         summary = {"gflops": gflops, "params": params, "steps": steps, "questions": len(lengths), "rows": rows}
