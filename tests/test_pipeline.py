@@ -52,12 +52,14 @@ def _config(data_file, model_dir, out, **sections):
 
 
 class _TrainFeatures(TrainerCallback):
-    """Keeps the features the Trainer's training dataloader serves."""
+    """Keeps the features the Trainer's training dataloader serves (packed: its micro-batches' members)."""
 
     features = None
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        self.features = list(train_dataloader.dataset.features)
+        dataset = train_dataloader.dataset
+        batches = getattr(dataset, "batches", None)
+        self.features = [f for batch in batches for f in batch] if batches is not None else list(dataset.features)
 
 
 @pytest.mark.integration  # a tiny training
@@ -70,7 +72,9 @@ def test_prepare_gives_the_features_train_trains_on(tiny_llama_dir, data_file, t
     spy = _TrainFeatures()
     paths = train(config, callbacks=[spy])
 
-    assert spy.features == prepared.train_features
+    # packing plans micro-batches in its own order: the same features, each exactly once
+    assert sorted(map(json.dumps, spy.features)) == sorted(map(json.dumps, prepared.train_features))
+    assert len(spy.features) == len(prepared.train_features)
     assert prepared.task_type == "causal" and prepared.has_context
     # train_on_prompt and max_length reached the encoding: every kept token is labelled, none is over 48
     assert all(f["labels"] == f["input_ids"] for f in prepared.train_features)
