@@ -53,7 +53,10 @@ class DataConfig(Section):
     test_path: str | None = Field(None, description="An explicit test file (replaces the ratio split for test).")
     split: SplitConfig = Field(default_factory=SplitConfig)
     split_by: Literal["auto", "context", "group", "record"] = Field(
-        "auto", description="auto keeps records of one passage/article in one split when the data has passages."
+        "auto",
+        description="auto keeps records of one article (group) in one split when the data has them, or of one "
+        "passage when whole articles miss a split's fraction by more than max(2 points, half the fraction); "
+        "records that share a passage always share a split.",
     )
     seed: int = Field(42, description="Seed of the train/validation/test split.")
     max_records: int | None = Field(None, gt=0, description="Use at most this many records (after cleaning).")

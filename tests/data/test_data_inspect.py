@@ -64,3 +64,49 @@ def test_data_inspect_unknown_format_is_one_line(tmp_path, tiny_llama_dir, capsy
     assert main(["data", "inspect", str(config)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "foo" in err and "Traceback" not in err
+
+
+def two_article_squad(path, sizes=(32, 8)):
+    """Two articles (80% / 20% of the questions), two questions per passage."""
+    data = []
+    for a, size in enumerate(sizes):
+        paragraphs = []
+        for p in range(size // 2):
+            context = f"Passage {p} of article {a}: the bridge {p} crosses the river {a}."
+            qas = [
+                {
+                    "id": f"a{a}-p{p}-{k}",
+                    "question": f"What does bridge {p} cross ({k})?",
+                    "answers": [{"text": f"the river {a}", "answer_start": context.index("the river")}],
+                }
+                for k in range(2)
+            ]
+            paragraphs.append({"context": context, "qas": qas})
+        data.append({"title": f"article-{a}", "paragraphs": paragraphs})
+    path.write_text(json.dumps({"version": "1.1", "data": data}), encoding="utf-8")
+    return path
+
+
+def test_too_few_articles_split_by_passage_in_inspect_and_the_training_log(tmp_path, tiny_llama_dir, capsys, caplog):
+    import logging
+
+    import lorakit
+
+    data = two_article_squad(tmp_path / "squad.json")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"data:\n  path: {data}\n  split: {{train: 0.8, validation: 0.1, test: 0.1}}\n"
+        f"model:\n  name_or_path: {tiny_llama_dir}\n"
+        "template:\n  name: context_qa\n  max_length: 96\n"
+        f"train:\n  output_dir: {tmp_path / 'runs'}\n  max_steps: 1\n  micro_batch_size: 4\n  save_every: 1000\n",
+        encoding="utf-8",
+    )
+    assert main(["data", "inspect", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "split by: context" in out and "records: train 32, validation 4, test 4" in out
+    assert "note: split by passage, not by article: whole articles (2)" in out
+
+    with caplog.at_level(logging.INFO, logger="lorakit.train"):
+        lorakit.train(lorakit.load_config(config))
+    logged = [r.getMessage() for r in caplog.records if r.name == "lorakit.train"]
+    assert any(line.startswith("data: split by passage, not by article: whole articles (2)") for line in logged)

@@ -9,7 +9,7 @@ import pytest
 from lorakit.config import DataConfig
 from lorakit.data import load_splits
 from lorakit.data.example import Example
-from lorakit.data.split import split_examples
+from lorakit.data.split import SHARE_TOLERANCE_POINTS, SHARE_TOLERANCE_RELATIVE, split_examples
 from lorakit.errors import DataError
 
 FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
@@ -76,6 +76,103 @@ def test_few_groups_keep_train_and_say_what_is_empty():
     result = split_examples(examples, {"train": 0.9, "validation": 0.05, "test": 0.05}, seed=0)
     assert result.train
     assert any("test is empty" in note for note in result.notes)
+
+
+def articles(sizes, per_passage=5):
+    """SQuAD-shaped records: articles of the given sizes (questions), each of many passages."""
+    examples = []
+    for a, size in enumerate(sizes):
+        for q in range(size):
+            p = q // per_passage
+            examples.append(
+                Example(
+                    messages=[{"role": "user", "content": f"q{a}-{q}"}, {"role": "assistant", "content": "a"}],
+                    context=f"article {a} passage {p}",
+                    id=f"{a}-{q}",
+                    group=f"article {a}",
+                )
+            )
+    return examples
+
+
+def within_tolerance(result, fractions):
+    total = sum(result.counts().values())
+    for name, fraction in fractions.items():
+        share = result.counts()[name] / total
+        tolerance = max(SHARE_TOLERANCE_POINTS, SHARE_TOLERANCE_RELATIVE * fraction)
+        if abs(share - fraction) > tolerance or (fraction and not share):
+            return False
+    return True
+
+
+def no_passage_in_two_splits(result):
+    contexts = [{ex.context for ex in getattr(result, s)} for s in ("train", "validation", "test")]
+    return not (contexts[0] & contexts[1] or contexts[0] & contexts[2] or contexts[1] & contexts[2])
+
+
+SMALL = {"train": 0.9, "validation": 0.05, "test": 0.05}
+
+
+def test_two_articles_of_81_and_19_percent_fall_back_to_whole_passages():
+    # the first 1,000 SQuAD dev questions: two articles, 810 and 190 questions, 5 per passage
+    examples = articles([810, 190])
+    for seed in range(4):
+        by_article = split_examples(examples, SMALL, seed=seed, split_by="group")
+        assert by_article.split_by == "group" and not within_tolerance(by_article, SMALL)
+        assert any("split_by: auto (or context) would split by passage" in n for n in by_article.notes)
+        result = split_examples(examples, SMALL, seed=seed)
+        assert result.split_by == "context" and result.units == 200
+        assert within_tolerance(result, SMALL), result.counts()
+        assert no_passage_in_two_splits(result)
+        assert sum(result.counts().values()) == 1000
+        (note,) = [n for n in result.notes if "split by passage, not by article" in n]
+        assert "whole articles (2)" in note and "whole passages (200)" in note and "90% / 5% / 5% asked" in note
+
+
+def test_many_articles_still_split_by_article():
+    sizes = [10 + 5 * (a % 5) for a in range(80)]  # 80 articles of 10-30 questions
+    examples = articles(sizes)
+    for seed in range(6):
+        result = split_examples(examples, SMALL, seed=seed)
+        assert result.split_by == "group" and result.units == 80
+        assert within_tolerance(result, SMALL)
+        assert not any("passage" in n for n in result.notes)
+        groups = [{ex.group for ex in getattr(result, s)} for s in ("train", "validation", "test")]
+        assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+
+
+def test_articles_that_share_a_passage_move_together():
+    examples = articles([10, 10, 10, 10])
+    examples[0].context = examples[-1].context  # the same passage filed under two articles
+    for seed in range(6):
+        result = split_examples(examples, FRACTIONS, seed=seed, split_by="group")
+        assert result.units == 3 and no_passage_in_two_splits(result)
+
+
+def test_tolerance_is_two_points_or_half_the_fraction():
+    """auto keeps whole articles exactly when their split is within the tolerance (one record
+    per passage here, so whole passages always meet the ratio)."""
+
+    def check(sizes, asked, stays):
+        examples = articles(sizes, per_passage=1)
+        for seed in range(6):
+            by_article = split_examples(examples, asked, seed=seed, split_by="group")
+            if by_article.counts()["validation"] != sizes[1]:
+                continue  # a seed that gave validation the large article, or nothing
+            result = split_examples(examples, asked, seed=seed)
+            assert within_tolerance(by_article, asked) is stays
+            assert result.split_by == ("group" if stays else "context")
+            if not stays:
+                assert within_tolerance(result, asked)
+            return
+        raise AssertionError("no seed split the two articles apart")
+
+    tenth = {"train": 0.9, "validation": 0.1, "test": 0.0}
+    check([94, 6], tenth, stays=True)  # 6% for 10%: 4 points off, half of 10% is 5
+    check([96, 4], tenth, stays=False)  # 4% for 10%: 6 points off
+    small = {"train": 0.97, "validation": 0.03, "test": 0.0}
+    check([951, 49], small, stays=True)  # 4.9% for 3%: 1.9 points, under the 2-point floor
+    check([940, 60], small, stays=False)  # 6% for 3%: 3 points
 
 
 def test_invalid_split_by():

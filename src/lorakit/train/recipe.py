@@ -179,6 +179,8 @@ def _run(
     train_features, stats = prepared.train_features, prepared.train_stats
     assert stats is not None and template is not None  # prepare() encodes and resolves by default
     logger.info(f"train data ({splits.format}, split by {splits.split_by}): {stats.summary()}")
+    for note in splits.notes:
+        logger.info(f"data: {note}")
     if not train_features:
         raise DataError(
             f"{config.data.path}: every training record was dropped while tokenizing ({stats.dropped[0][1]}).",
