@@ -28,6 +28,7 @@ data_app = typer.Typer(help="Look at a dataset the way training will see it.", n
 app.add_typer(data_app, name="data")
 
 SET_HELP = "Override a config value: --set section.key=value (repeatable)."
+EXTRACTIVE_HELP = "Keep answers inside a span of the passage (or the no-answer text), or not; default: the run's own."
 
 
 def _load(config: Path, overrides: list[str] | None):
@@ -96,6 +97,7 @@ def eval_(
         "--out",
         help="Write the outputs exactly here (a new or empty folder) instead of RUN/eval/<split>-<time>/.",
     ),
+    extractive: bool | None = typer.Option(None, "--extractive/--no-extractive", help=EXTRACTIVE_HELP),
 ):
     """Generate answers and score them: EM/F1, ROUGE, BLEU, perplexity, never-stops rate.
     Every evaluation is kept (RUN/eval/index.json lists them)."""
@@ -113,6 +115,7 @@ def eval_(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         out_dir=str(out) if out else None,
+        extractive=extractive,
         verbose=False,
     )
     index = None if out else Path(result["folder"]).parent / "index.json"
@@ -151,12 +154,19 @@ def generate(
     max_new_tokens: int = typer.Option(_eval_default("max_new_tokens"), "--max-new-tokens", min=1),
     temperature: float = typer.Option(_eval_default("temperature"), "--temperature", min=0.0),
     top_p: float = typer.Option(_eval_default("top_p"), "--top-p", min=0.0, max=1.0),
+    extractive: bool | None = typer.Option(None, "--extractive/--no-extractive", help=EXTRACTIVE_HELP),
 ):
     """Answer one question with the run's own template."""
     from .cli_commands import generate_command
 
     answer = generate_command(
-        str(run), question, context, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
+        str(run),
+        question,
+        context,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        extractive=extractive,
     )
     typer.echo(answer)
 
@@ -167,11 +177,22 @@ def chat(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    context: str | None = typer.Option(
+        None, "--context", help="A passage the whole conversation is about, or a path to a text file holding one."
+    ),
+    extractive: bool | None = typer.Option(None, "--extractive/--no-extractive", help=EXTRACTIVE_HELP),
 ):
     """Multi-turn chat in the terminal, streaming tokens as they come (/reset, /exit)."""
     from .cli_commands import chat_loop
 
-    chat_loop(str(run), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    chat_loop(
+        str(run),
+        context=context,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        extractive=extractive,
+    )
 
 
 @app.command()
@@ -210,6 +231,7 @@ def serve(
     ),
     max_batch_size: int | None = typer.Option(None, "--max-batch-size", min=1, help=_serve_help("max_batch_size")),
     max_body_bytes: int | None = typer.Option(None, "--max-body-bytes", min=1, help=_serve_help("max_body_bytes")),
+    extractive: bool | None = typer.Option(None, "--extractive/--no-extractive", help=_serve_help("extractive")),
 ):
     """Serve runs behind an OpenAI-compatible HTTP API."""
     from .cli_commands import serve_command
@@ -223,6 +245,7 @@ def serve(
         max_tokens_limit=max_tokens_limit,
         max_batch_size=max_batch_size,
         max_body_bytes=max_body_bytes,
+        extractive=extractive,
     )
 
 

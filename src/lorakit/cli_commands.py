@@ -39,6 +39,7 @@ def generate_command(path: str, question: str, context: str | None = None, **dec
 def chat_loop(
     path: str,
     *,
+    context: str | None = None,
     input_fn: Callable[[str], str] = input,
     output: Callable[..., None] = print,
     **decoding,
@@ -46,11 +47,13 @@ def chat_loop(
     """`lorakit chat RUN`: a multi-turn conversation in the terminal, replies streamed as they come.
 
     `/reset` starts over, `/exit` (or end of input) quits. `output` is called like print.
-    Returns the conversation as it stood at the end.
+    context: a passage (or a text file's path) every turn is asked about; an extractive run
+    answers with spans of it. Returns the conversation as it stood at the end.
     """
     from .inference.predictor import load_predictor
 
     predictor = load_predictor(path)
+    passage = read_context(context)
     output(f"Chatting with {predictor.name} (template '{predictor.template.name}'). /reset starts over, /exit quits.")
     messages: list[dict] = []
     while True:
@@ -72,7 +75,7 @@ def chat_loop(
         # forget the oldest exchanges when the conversation outgrows the model's context
         while True:
             try:
-                pieces = predictor.stream(messages, **decoding)
+                pieces = predictor.stream(messages, passage, **decoding)
                 break
             except ModelError:
                 if len(messages) <= 1:

@@ -247,6 +247,12 @@ class EvalConfig(Section):
     temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with temperature > 0).")
     max_examples: int | None = Field(None, ge=1, description="Score at most this many examples.")
+    extractive: bool | Literal["auto"] = Field(
+        "auto",
+        description="Keep each answer inside a span of its passage (or data.no_answer), then EOS; auto: on when "
+        "the training answers are spans of their passages (at least 90%, extractive QA). Stored in the run: "
+        "eval, generate, chat and serve use it (--no-extractive turns it off for one command).",
+    )
     lang: str | None = Field(
         None,
         description="Language code for answer normalization (fa, bn, ...); None picks per example from the references.",
@@ -277,6 +283,11 @@ class ServeConfig(Section):
     )
     max_body_bytes: int = Field(
         1024 * 1024, ge=1, description="Larger request bodies are refused with 413 before they are parsed."
+    )
+    extractive: bool | None = Field(
+        None,
+        description="Keep chat answers inside a span of the request's context (a lorakit extension field); "
+        "None: each run's own eval.extractive, as stored in the run.",
     )
 
 

@@ -34,6 +34,8 @@ def inspect_data(config: LorakitConfig, *, max_examples_per_split: int | None = 
         f"template: {template.name}; task type: {task_type}; max_length {config.template.max_length}; "
         f"loss on {'prompt and completion' if config.template.train_on_prompt else 'completion only'}"
     )
+    extractive, why = prepared.extractive
+    lines.append(f"extractive decoding: {'on' if extractive else 'off'} ({why})")
     for name in ("train", "validation", "test"):
         examples = getattr(splits, name)[:max_examples_per_split]
         if not examples:

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 # --- prepare: config -> tokenizer, splits, template, features ------------------------------------
 
+# eval.extractive auto: on when at least this share of the training answers are spans of their passage
+EXTRACTIVE_SHARE = 0.9
+
 
 @dataclass
 class Prepared:
@@ -59,6 +62,21 @@ class Prepared:
         from .prompting.encoding import encode_examples
 
         return encode_examples(examples, self.template, self.tokenizer, **self.encode_options)
+
+    @property
+    def extractive(self) -> tuple[bool, str]:
+        """(whether answers are kept inside spans of their passage, why): eval.extractive, with
+        auto on when at least EXTRACTIVE_SHARE of the training answers are spans of their passage."""
+        from .data.example import extractive_share
+
+        setting = self.config.eval.extractive
+        if setting != "auto":
+            return bool(setting), f"eval.extractive is {str(setting).lower()}"
+        share = extractive_share(self.splits.train)
+        if share is None:
+            return False, "auto: the training data has no passages"
+        on = share >= EXTRACTIVE_SHARE
+        return on, f"auto: {100 * share:.0f}% of the training answers are spans of their passage"
 
     @property
     def encode_options(self) -> dict:

@@ -64,12 +64,15 @@ def write_metadata(
     template: Template,
     precision: str,
     max_length: int,
+    extractive: bool = False,
+    no_answer: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write `lorakit.json`: everything needed to use the adapter again without the config.
 
     `base` comes from models.identity.base_model_identity(): name_or_path, gguf_file, revision, sha256.
-    The system prompt is stored once, inside the template (Template.system).
+    The system prompt is stored once, inside the template (Template.system). extractive: answers
+    are kept inside spans of their passage, or the no_answer text (inference.extractive).
     """
     metadata = {
         "lorakit_version": __version__,
@@ -84,6 +87,7 @@ def write_metadata(
         "template": template.to_dict(),
         "precision": precision,
         "max_length": max_length,
+        "decoding": {"extractive": extractive, "no_answer": no_answer},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     for key, value in (extra or {}).items():
@@ -106,6 +110,8 @@ class RunInfo:
     max_length: int
     config: LorakitConfig | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    extractive: bool = False  # answers kept inside spans of their passage (runs before it: off)
+    no_answer: str | None = None
 
     @property
     def system_prompt(self) -> str | None:
@@ -202,6 +208,7 @@ def read_run(path: str | os.PathLike[str]) -> RunInfo:
             hint="the save was interrupted; continue with `lorakit train CONFIG --resume` or retrain",
         )
     config = _load_config(root / "config.yaml")
+    decoding = metadata.get("decoding") or {}
     return RunInfo(
         root=root,
         adapter_dir=adapter_dir,
@@ -212,6 +219,8 @@ def read_run(path: str | os.PathLike[str]) -> RunInfo:
         max_length=int(metadata["max_length"]) if metadata.get("max_length") else _default_max_length(config),
         config=config,
         metadata=metadata,
+        extractive=bool(decoding.get("extractive", False)),
+        no_answer=decoding.get("no_answer") or (config.data.no_answer if config is not None else None),
     )
 
 

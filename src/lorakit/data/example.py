@@ -73,3 +73,12 @@ class Example:
             group=data.get("group"),
             is_impossible=bool(data.get("is_impossible", False)),
         )
+
+
+def extractive_share(examples: list[Example]) -> float | None:
+    """The share of examples whose answer is a span of their passage (an unanswerable question
+    counts: its no-answer text is allowed too); None when no example has a passage."""
+    if not any(example.context for example in examples):
+        return None
+    spans = sum(1 for ex in examples if ex.context and (ex.is_impossible or (ex.target and ex.target in ex.context)))
+    return spans / len(examples)

@@ -157,6 +157,7 @@ def evaluate_path(
     max_new_tokens: int | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     device: str | None = None,
+    extractive: bool | None = None,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a run (or merged) folder: generate answers with its stored template, score them,
@@ -174,11 +175,11 @@ def evaluate_path(
         max_examples, batch_size, max_new_tokens: override the run's eval.* values.
         out_dir: write exactly this (new or empty) folder instead of <run>/eval/<label>-<time>/.
         device: "cpu", "cuda", ...; default: the best available.
+        extractive: keep answers inside spans of their passage, or not (None: the run's setting).
         verbose: log the summary lines (logger "lorakit.evaluate", level INFO).
 
     Returns:
-        What metrics.json holds ("n", "adapter" metrics, "base" metrics with compare_base, ...),
-        plus "folder": where the outputs went.
+        What metrics.json holds ("n", "adapter" metrics, "base" with compare_base...), + "folder".
 
     Raises:
         EvalError: unknown split, empty split, no config.yaml without --data, nothing to evaluate,
@@ -216,6 +217,7 @@ def evaluate_path(
         temperature=eval_config.temperature,
         top_p=eval_config.top_p,
         seed=config.train.seed if config is not None else 0,
+        extractive=predictor.extractive_for(extractive),
     )
     scoring: dict[str, Any] = dict(
         decoding=decoding, no_answer=no_answer, bleu_tokenize=eval_config.bleu_tokenize, lang=eval_config.lang

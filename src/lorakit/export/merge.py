@@ -269,6 +269,8 @@ def merge_run(
             template=info.template,
             precision=dtype,
             max_length=info.max_length,
+            extractive=info.extractive,
+            no_answer=info.no_answer,
             extra={
                 "merged_from": {
                     "run": str(info.root.resolve()),

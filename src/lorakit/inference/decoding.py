@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from .extractive import spans_processor as _spans
 from .prefix_cache import PrefixGroup, can_share_prefixes, encode_prefixes, group_by_prefix, prefix_batches
 
 if TYPE_CHECKING:  # annotations only, no import cost
@@ -225,6 +226,8 @@ def generate_batched(
     seed: int | None = None,
     cancelled: Callable[[int], bool] | None = None,
     share_prefixes: bool = True,
+    passages: Sequence[str | None] | None = None,
+    no_answer: str | None = None,
 ) -> list[Generation]:
     """Generate one completion per prompt, in batches, returned in the prompts' order.
 
@@ -234,6 +237,8 @@ def generate_batched(
     share_prefixes: greedy causal prompts that start alike (several questions on one passage) have
     their common start encoded once and its cache reused (inference.prefix_cache); the answers
     are those each prompt gets alone.
+    passages: one per prompt (or None for a free row): the row's answer is kept inside a span of
+    its passage, or is the no_answer text, then EOS (inference.extractive).
     """
     if not prompts:
         return []
@@ -251,9 +256,15 @@ def generate_batched(
         if cancelled is not None:
             criteria.append(_RowsCancelled(cancelled, chunk))
         cache = {"past_key_values": past} if past is not None else {}
+        spans = _spans(tokenizer, [passages[i] for i in chunk], no_answer, eos_ids) if passages else {}
         # mypy sees generate through nn.Module.__getattr__ (a Tensor) in transformers' stubs
         output = model.generate(  # type: ignore[operator]
-            input_ids=input_ids, attention_mask=mask, generation_config=config, stopping_criteria=criteria, **cache
+            input_ids=input_ids,
+            attention_mask=mask,
+            generation_config=config,
+            stopping_criteria=criteria,
+            **cache,
+            **spans,
         )
         # causal output repeats the prompt; seq2seq output starts with the decoder start token
         new = output[:, input_ids.shape[1] :] if task_type != "seq2seq" else output[:, 1:]
@@ -309,10 +320,13 @@ def stream_generate(
     stop_strings: Sequence[str] = (),
     seed: int | None = None,
     stopping_criteria: Sequence[StoppingCriteria] = (),
+    passage: str | None = None,
+    no_answer: str | None = None,
 ) -> Iterator[str]:
     """Yield text pieces as the model produces them; nothing at or after a stop string.
 
     stopping_criteria: extra criteria, called once per generated token (e.g. a caller's counter).
+    passage: keep the answer inside a span of it, or the no_answer text (see generate_batched).
     """
     device, pad_id, eos_ids, config = _decoding_setup(
         model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
@@ -326,6 +340,7 @@ def stream_generate(
     cancel = threading.Event()
     criteria.append(_Cancelled(cancel))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    spans = _spans(tokenizer, [passage], no_answer, eos_ids)
     failure: list[BaseException] = []
 
     def work():
@@ -337,6 +352,7 @@ def stream_generate(
                     generation_config=config,
                     stopping_criteria=criteria,
                     streamer=streamer,
+                    **spans,
                 )
         except BaseException as exc:  # surfaced in the caller's thread below
             failure.append(exc)

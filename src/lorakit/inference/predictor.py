@@ -56,6 +56,9 @@ class Predictor:
         name: the model's name (the run folder's name).
         adapter_name: activated before each generation, so several adapters can share one base model.
         max_length: the run's training max_length; a prompt with a context is shortened to fit it.
+        extractive: keep each answer to a question with a passage inside a span of that passage,
+            or the no_answer text (inference.extractive); the run's stored setting.
+        no_answer: the text an unanswerable question is answered with.
     """
 
     def __init__(
@@ -68,6 +71,8 @@ class Predictor:
         name: str,
         adapter_name: str | None = None,
         max_length: int | None = None,
+        extractive: bool = False,
+        no_answer: str | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -76,6 +81,8 @@ class Predictor:
         self.name = name
         self.adapter_name = adapter_name
         self.max_length = max_length
+        self.extractive = extractive
+        self.no_answer = no_answer
         self.max_context = _max_context(model, tokenizer, max_length)
 
     # --- prompts ------------------------------------------------------------------------------
@@ -141,10 +148,12 @@ class Predictor:
         seed: int | None = None,
         cancelled: Callable[[int], bool] | None = None,
         share_prefixes: bool = True,
+        passages: Sequence[str | None] | None = None,
     ) -> list[Generation]:
         """Complete raw prompts (text, or ids), stopping at the template's stop strings too.
         cancelled(i) True ends prompt i early; share_prefixes: a common start (a passage) is
-        encoded once for all its questions (see generate_batched)."""
+        encoded once for all its questions; passages: one per prompt (None: free), each answer
+        kept inside a span of its passage or the no-answer text (see generate_batched)."""
         self._activate()
         return generate_batched(
             self.model,
@@ -159,6 +168,8 @@ class Predictor:
             seed=seed,
             cancelled=cancelled,
             share_prefixes=share_prefixes,
+            passages=passages,
+            no_answer=self.no_answer,
         )
 
     def generate(
@@ -167,6 +178,7 @@ class Predictor:
         contexts: Sequence[str | None] | None = None,
         *,
         max_new_tokens: int = default_of(EvalConfig, "max_new_tokens"),
+        extractive: bool | None = None,
         **decoding: Any,
     ) -> list[Generation]:
         """One reply per conversation (its prompt messages), rendered with the stored template.
@@ -175,6 +187,7 @@ class Predictor:
             conversations: each a list of {"role", "content"} messages, ending with the user's turn.
             contexts: one passage (or None) per conversation, for templates with a context.
             max_new_tokens: the longest reply, in tokens.
+            extractive: keep answers inside spans of their context; None: the run's setting.
             **decoding: temperature, top_p, batch_size, stop_strings, seed, share_prefixes
                 (see generate_prompts).
 
@@ -188,7 +201,12 @@ class Predictor:
         if len(contexts) != len(conversations):
             raise ValueError(f"generate: {len(conversations)} conversations but {len(contexts)} contexts")
         prompts = [self.prompt_ids(m, c, max_new_tokens=max_new_tokens) for m, c in zip(conversations, contexts)]
-        return self.generate_prompts(prompts, max_new_tokens=max_new_tokens, **decoding)
+        passages = contexts if self.extractive_for(extractive) else None
+        return self.generate_prompts(prompts, max_new_tokens=max_new_tokens, passages=passages, **decoding)
+
+    def extractive_for(self, extractive: bool | None) -> bool:
+        """Whether a call keeps answers inside their passage: its own choice, else the run's."""
+        return self.extractive if extractive is None else extractive
 
     def stream_prompt(
         self,
@@ -201,8 +219,9 @@ class Predictor:
         seed: int | None = None,
         batch_size: int | None = None,  # accepted so the same decoding options work everywhere
         stopping_criteria: Sequence[Any] = (),
+        passage: str | None = None,
     ) -> Iterator[str]:
-        """Yield the completion of a raw prompt piece by piece."""
+        """Yield the completion of a raw prompt piece by piece (inside a span of passage, if given)."""
         self._activate()
         return stream_generate(
             self.model,
@@ -215,10 +234,18 @@ class Predictor:
             stop_strings=self._stops(stop_strings),
             seed=seed,
             stopping_criteria=stopping_criteria,
+            passage=passage,
+            no_answer=self.no_answer,
         )
 
     def stream(
-        self, messages: list[dict[str, Any]], context: str | None = None, *, max_new_tokens: int = 256, **decoding: Any
+        self,
+        messages: list[dict[str, Any]],
+        context: str | None = None,
+        *,
+        max_new_tokens: int = 256,
+        extractive: bool | None = None,
+        **decoding: Any,
     ) -> Iterator[str]:
         """Yield the reply to a conversation piece by piece.
 
@@ -226,6 +253,7 @@ class Predictor:
             messages: the conversation, ending with the user's turn.
             context: a passage, for templates with a context.
             max_new_tokens: the longest reply, in tokens.
+            extractive: keep the reply inside a span of the context; None: the run's setting.
             **decoding: temperature, top_p, stop_strings, seed.
 
         Returns:
@@ -235,7 +263,8 @@ class Predictor:
             ModelError: the prompt does not fit the model's context even without its passage.
         """
         ids = self.prompt_ids(messages, context, max_new_tokens=max_new_tokens)
-        return self.stream_prompt(ids, max_new_tokens=max_new_tokens, **decoding)
+        passage = context if self.extractive_for(extractive) else None
+        return self.stream_prompt(ids, max_new_tokens=max_new_tokens, passage=passage, **decoding)
 
     @property
     def has_adapter(self) -> bool:
@@ -331,6 +360,8 @@ def load_predictor(path: str | os.PathLike[str], *, device: str | None = None, a
         task_type=info.task_type,
         name=info.root.resolve().name,
         max_length=info.max_length,
+        extractive=info.extractive,
+        no_answer=info.no_answer,
     )
 
 

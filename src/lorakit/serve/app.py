@@ -61,8 +61,11 @@ async def _disconnected(request) -> None:
 class _Server:
     """The state behind the routes: models, worker, preparing threads and limits."""
 
-    def __init__(self, models: dict[str, ServedModel], worker: BatchWorker, max_tokens_limit: int):
+    def __init__(
+        self, models: dict[str, ServedModel], worker: BatchWorker, max_tokens_limit: int, extractive: bool | None
+    ):
         self.models = models
+        self.extractive = extractive  # None: each run's own setting
         self.worker = worker
         self.max_tokens_limit = max_tokens_limit
         self.pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="lorakit-prepare")
@@ -221,7 +224,7 @@ def create_app(paths: list[str], settings: ServeConfig | None = None, *, device:
     settings = _settings(settings, overrides)
     api_key = settings.api_key if settings.api_key is not None else os.environ.get(API_KEY_ENV) or None
     worker = BatchWorker(settings.max_batch_size, settings.max_wait_ms)
-    state = _Server(load_models(paths, device=device), worker, settings.max_tokens_limit)
+    state = _Server(load_models(paths, device=device), worker, settings.max_tokens_limit, settings.extractive)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -289,6 +292,8 @@ def create_app(paths: list[str], settings: ServeConfig | None = None, *, device:
         req, served, ids, max_new = await state.off_loop(state.prepare_chat, await request.body(), request.state)
         prompt_tokens = len(ids)
         job = Job(served, [ids], max_new, req.temperature, req.top_p, req.stop_strings())
+        if req.context and served.predictor.extractive_for(state.extractive):
+            job.passages = [req.context]  # an extractive run answers with a span of the passage
         rid, created = new_id("chatcmpl"), int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -48,6 +48,7 @@ class Job:
     top_p: float
     stop: list[str] = field(default_factory=list)
     emit: Callable[[object], None] | None = None
+    passages: list | None = None  # one per prompt (None: free): answers kept inside it (extractive runs)
     future: Future = field(default_factory=Future)
     cancelled: bool = False
     generated: int = 0  # tokens generated so far (stream jobs): the honest `usage` count
@@ -157,6 +158,7 @@ class BatchWorker:
         first = batch[0]
         prompts = [p for job in batch for p in job.prompts]
         owners = [job for job in batch for _ in job.prompts]  # prompt index -> its job
+        passages = [p for job in batch for p in (job.passages or [None] * len(job.prompts))]
         self.batch_sizes[len(prompts)] += 1
         try:
             generations = first.model.predictor.generate_prompts(
@@ -167,6 +169,7 @@ class BatchWorker:
                 batch_size=len(prompts),
                 stop_strings=first.stop,
                 cancelled=lambda i: owners[i].cancelled,
+                passages=passages if any(p is not None for p in passages) else None,
             )
         except Exception as exc:  # a failed generation fails its requests, never the server
             logger.exception("generation failed for model %s", first.model.name)
@@ -187,6 +190,7 @@ class BatchWorker:
                 top_p=job.top_p,
                 stop_strings=job.stop,
                 stopping_criteria=[_StreamWatch(job)],
+                passage=job.passages[0] if job.passages else None,
             )
             for piece in pieces:
                 if job.cancelled:  # the client went away: stop sending to it
@@ -312,6 +316,8 @@ def load_models(specs: list[str], *, device: str | None = None) -> dict[str, Ser
                 name=name,
                 adapter_name=adapter_name,
                 max_length=info.max_length,
+                extractive=info.extractive,
+                no_answer=info.no_answer,
             )
             logger.info("model %s shares the base weights already loaded for %s", name, host.name)
         served[name] = ServedModel(

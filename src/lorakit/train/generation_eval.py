@@ -92,9 +92,10 @@ class GenerationEvalTrainer(Trainer):
 
 
 def make_generation_eval(
-    config: LorakitConfig, examples: list[Example], tokenizer, template, task_type: str
+    config: LorakitConfig, examples: list[Example], tokenizer, template, task_type: str, *, extractive: bool = False
 ) -> Callable[[object], dict]:
-    """A function model -> {exact_match, f1, never_stops_rate} on a fixed validation subset."""
+    """A function model -> {exact_match, f1, never_stops_rate} on a fixed validation subset,
+    decoded as the run will be (extractive: answers kept inside spans of their passage)."""
     from ..evaluate.runner import score_examples
     from ..inference.predictor import Predictor
 
@@ -117,6 +118,8 @@ def make_generation_eval(
             task_type=task_type,
             name="validation",
             max_length=config.template.max_length,  # the system prompt is the template's own
+            extractive=extractive,
+            no_answer=config.data.no_answer,
         )
         try:
             _, metrics = score_examples(

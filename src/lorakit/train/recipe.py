@@ -181,6 +181,8 @@ def _run(
     logger.info(f"train data ({splits.format}, split by {splits.split_by}): {stats.summary()}")
     for note in splits.notes:
         logger.info(f"data: {note}")
+    extractive, why = prepared.extractive
+    logger.info(f"extractive decoding: {'on' if extractive else 'off'} ({why})")
     if not train_features:
         raise DataError(
             f"{config.data.path}: every training record was dropped while tokenizing ({stats.dropped[0][1]}).",
@@ -237,7 +239,9 @@ def _run(
     if tc.generation_eval_every and eval_features:
         from .generation_eval import make_generation_eval
 
-        generation_eval = make_generation_eval(config, splits.validation, tokenizer, template, task_type)
+        generation_eval = make_generation_eval(
+            config, splits.validation, tokenizer, template, task_type, extractive=extractive
+        )
     trainer = GenerationEvalTrainer(
         generation_eval=generation_eval,
         model=model,
@@ -290,6 +294,7 @@ def _run(
             model,
             n_train=len(train_features),
             n_eval=len(eval_features),
+            extractive=extractive,
         )
     finally:
         interrupt.uninstall()
@@ -307,6 +312,7 @@ def _save(
     *,
     n_train: int,
     n_eval: int,
+    extractive: bool,
 ) -> RunPaths:
     """Adapter + tokenizer + metadata, the curve, then (for train.overwrite) the swap into place."""
     from ..models.identity import base_model_identity
@@ -324,6 +330,8 @@ def _save(
         template=template,
         precision=precision,
         max_length=config.template.max_length,
+        extractive=extractive,
+        no_answer=config.data.no_answer,
         extra={
             "train_examples": n_train,
             "validation_examples": n_eval,
