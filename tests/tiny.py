@@ -118,8 +118,10 @@ def make_run(
     seed: int = 1,
     quantization: str = "none",
     task_type: str = "causal",
+    extractive: bool = False,
 ) -> Path:
-    """A run folder as `lorakit train` writes it, with a random non-zero LoRA adapter (no training)."""
+    """A run folder as `lorakit train` writes it, with a random non-zero LoRA adapter (no training);
+    extractive: the run keeps answers inside spans of their passage (lorakit.json's decoding)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -162,6 +164,8 @@ def make_run(
         template=template,
         precision="float32",
         max_length=256,
+        extractive=extractive,
+        no_answer=config.data.no_answer,
     )
     atomic_write_text(paths.config, config.to_yaml())
     return root

@@ -87,7 +87,9 @@ def two_article_squad(path, sizes=(32, 8)):
     return path
 
 
-def test_too_few_articles_split_by_passage_in_inspect_and_the_training_log(tmp_path, tiny_llama_dir, capsys, caplog):
+def test_too_few_articles_split_by_passage_and_extractive_decoding_in_inspect_and_the_training_log(
+    tmp_path, tiny_llama_dir, capsys, caplog
+):
     import logging
 
     import lorakit
@@ -105,8 +107,13 @@ def test_too_few_articles_split_by_passage_in_inspect_and_the_training_log(tmp_p
     out = capsys.readouterr().out
     assert "split by: context" in out and "records: train 32, validation 4, test 4" in out
     assert "note: split by passage, not by article: whole articles (2)" in out
+    extractive = "extractive decoding: on (auto: 100% of the training answers are spans of their passage)"
+    assert extractive in out
 
     with caplog.at_level(logging.INFO, logger="lorakit.train"):
-        lorakit.train(lorakit.load_config(config))
+        paths = lorakit.train(lorakit.load_config(config))
     logged = [r.getMessage() for r in caplog.records if r.name == "lorakit.train"]
     assert any(line.startswith("data: split by passage, not by article: whole articles (2)") for line in logged)
+    assert extractive in logged  # and the run keeps it, for eval, generate, chat and serve
+    decoding = json.loads((paths.adapter / "lorakit.json").read_text(encoding="utf-8"))["decoding"]
+    assert decoding == {"extractive": True, "no_answer": "unanswerable"}

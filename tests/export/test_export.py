@@ -35,7 +35,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_llama_dir, tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("runs") / "qa-run", tiny_llama_dir)
+    return make_run(tmp_path_factory.mktemp("runs") / "qa-run", tiny_llama_dir, extractive=True)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,7 @@ def test_merged_folder_describes_itself(run_dir, merged):
     assert info.template == read_run(run_dir).template
     assert info.system_prompt == SYSTEM and info.precision == "float32"
     assert info.metadata["merged_from"]["run"] == str(Path(run_dir).resolve())
+    assert info.extractive and info.no_answer == read_run(run_dir).no_answer == "unanswerable"
 
 
 def test_merged_chat_template_renders_the_training_prompt(merged):
@@ -200,6 +201,8 @@ def test_lorakit_generate_works_on_the_merged_folder(run_dir, merged):
     for question, context in [("What is the capital of France?", None), ("Who wrote it?", "Ann wrote it.")]:
         from_run = generate_command(str(run_dir), question, context, max_new_tokens=10)
         assert generate_command(str(merged[0]), question, context, max_new_tokens=10) == from_run
+        if context:  # the merged folder keeps the run's extractive decoding
+            assert from_run.strip() and (from_run.strip() in context or from_run.strip() == "unanswerable")
 
 
 @pytest.mark.integration  # a live server

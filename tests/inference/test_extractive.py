@@ -185,3 +185,27 @@ def test_seq2seq_and_streaming_stay_inside_the_passage(tiny_t5_dir, llama, token
         )
     )
     assert is_span(streamed, PASSAGES[2])
+
+
+def test_sentencepiece_style_tokens_are_read_as_bytes():
+    """A Metaspace tokenizer (SentencePiece-style "▁", as T5 and Llama 2 have) spells "▁Paris" as
+    " Paris"; a character it does not know splits the passage, and no span crosses it."""
+    from tiny import CORPUS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Metaspace()
+    raw.train_from_iterator(
+        CORPUS * 4, trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"], show_progress=False)
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="<unk>")
+    vocab = span_vocabulary(tokenizer)
+    assert vocab.token_bytes[tokenizer.convert_tokens_to_ids("▁the")] == b" the"
+    passage = "The capital of France is Paris. Then €uro capital."
+    for span in ("Paris", " Paris", "capital of France", "The capital", "uro capital."):
+        assert walk(tokenizer, passage, ids_of(tokenizer, span)) == (True, True), span
+    for text in ("Paris. Then uro", "London"):
+        assert walk(tokenizer, passage, ids_of(tokenizer, text))[0] is False, text
+    assert len(vocab.segments(passage)) == 2  # split at the unknown "€"

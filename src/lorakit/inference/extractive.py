@@ -174,13 +174,20 @@ def _token_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes | None]:
                 spelled.append(str(added[token_id].content).encode("utf-8"))
             else:
                 spelled.append(read(token, alphabet))
-        joined = b"".join(spelled[i] or b"\0" for i in probe)
-        if joined.strip(b" ") == _PROBE.encode("utf-8"):
+        if all(spelled[i] is not None or i in special for i in probe) and _spells(spelled, probe):
             return spelled
     raise ModelError(
         f"extractive decoding cannot read the tokens of {type(tokenizer).__name__} as bytes.",
         hint="turn it off: eval.extractive=false when training, or --no-extractive",
     )
+
+
+def _spells(spelled: list[bytes | None], probe: list[int]) -> bool:
+    """The probe's tokens spell the probe sentence (a leading space added is allowed); an unknown
+    token (no bytes) stands for at least one character."""
+    pattern = re.compile(b"".join(re.escape(spelled[i] or b"") or b".+?" for i in probe), flags=re.DOTALL)
+    text = _PROBE.encode("utf-8")
+    return any(pattern.fullmatch(candidate) for candidate in (text, b" " + text))
 
 
 _VOCABULARIES: weakref.WeakKeyDictionary[Any, SpanVocabulary] = weakref.WeakKeyDictionary()
