@@ -209,3 +209,20 @@ def test_sentencepiece_style_tokens_are_read_as_bytes():
     for text in ("Paris. Then uro", "London"):
         assert walk(tokenizer, passage, ids_of(tokenizer, text))[0] is False, text
     assert len(vocab.segments(passage)) == 2  # split at the unknown "€"
+
+
+def test_sampling_is_masked_before_temperature_and_top_p(llama, tokenizer):
+    prompts = [f"Context: {p}\nAnswer:" for p in PASSAGES]
+    for seed in range(3):
+        out = generate_batched(
+            llama,
+            tokenizer,
+            prompts,
+            max_new_tokens=8,
+            temperature=1.5,
+            top_p=0.5,
+            seed=seed,
+            passages=PASSAGES,
+            no_answer=NO_ANSWER,
+        )
+        check_rows(out, PASSAGES, 8)

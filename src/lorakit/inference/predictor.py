@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import EvalConfig, TemplateConfig, default_of
+from ..config import DataConfig, EvalConfig, TemplateConfig, default_of
 from ..errors import ModelError, RunError
 from ..runs import METADATA_FILE, RunPaths
 from .decoding import Generation, encode_prompt, generate_batched, stream_generate
@@ -58,7 +58,7 @@ class Predictor:
         max_length: the run's training max_length; a prompt with a context is shortened to fit it.
         extractive: keep each answer to a question with a passage inside a span of that passage,
             or the no_answer text (inference.extractive); the run's stored setting.
-        no_answer: the text an unanswerable question is answered with.
+        no_answer: the text an unanswerable question is answered with (None: data.no_answer's default).
     """
 
     def __init__(
@@ -82,7 +82,8 @@ class Predictor:
         self.adapter_name = adapter_name
         self.max_length = max_length
         self.extractive = extractive
-        self.no_answer = no_answer
+        # the text an unanswerable question is answered with: the run's, else data.no_answer's default
+        self.no_answer = no_answer if no_answer is not None else default_of(DataConfig, "no_answer")
         self.max_context = _max_context(model, tokenizer, max_length)
 
     # --- prompts ------------------------------------------------------------------------------
