@@ -17,7 +17,7 @@ core does not count; with --threads 1 they are the compute. EM/F1 of both passes
 scoring as `lorakit eval`.
 
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python bench/bench_extractive.py [--n 100] [--batch-size 16]
-        [--max-new-tokens 32] [--model PATH] [--device cpu|cuda] [--threads 1]
+        [--max-new-tokens 32] [--repeat 2] [--data FILE] [--model PATH] [--device cpu|cuda] [--threads 1]
 
 Skips with a message when the data file or the SmolLM2 cache (`lorakit demo` converts it) is absent.
 """
@@ -75,13 +75,15 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--model", default=None, help="a chat model folder (default: the SmolLM2 cache)")
+    parser.add_argument("--data", default=str(DATA), help="a SQuAD-format file (default: the shared SQuAD v1.1 part)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--repeat", type=int, default=2, help="times each pass runs; the best time counts")
     args = parser.parse_args()
 
-    if not DATA.is_file():
-        print(f"SKIP: {DATA} is absent; this benchmark needs the shared SQuAD file.")
+    data = Path(args.data)
+    if not data.is_file():
+        print(f"SKIP: {data} is absent; this benchmark needs the shared SQuAD file.")
         return 0
     model_path = find_model(args.model)
     if model_path is None or not model_path.is_dir():
@@ -100,7 +102,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    examples = load_examples(str(DATA)).examples[: args.n]
+    examples = load_examples(str(data)).examples[: args.n]
+    references = [[] if ex.is_impossible else ex.answers for ex in examples]  # []: unanswerable
     predictor = load_predictor(model_path, device=device)
     contexts = [ex.context for ex in examples]
     prompts = [
@@ -116,7 +119,8 @@ def main() -> int:
         f"model: {model_path.name} on {device} ({torch.get_num_threads()} threads), template '{predictor.template.name}'"
     )
     print(
-        f"questions: {len(examples)} on {len(set(contexts))} passages from {DATA.name}; prompt tokens median "
+        f"questions: {len(examples)} ({sum(not r for r in references)} unanswerable) on {len(set(contexts))} "
+        f"passages from {data.name}; prompt tokens median "
         f"{lengths[len(lengths) // 2]}, max {lengths[-1]}; batch {args.batch_size}, max_new_tokens "
         f"{args.max_new_tokens}, greedy, shared prefixes"
     )
@@ -164,7 +168,7 @@ def main() -> int:
         decode = max(seconds - prefill_s, 1e-9)
         quality = corpus_metrics(
             [extract_answer(g.text, predictor.template.stop_strings) for g in gens],
-            [ex.answers for ex in examples],
+            references,
             finish_reasons=[g.finish_reason for g in gens],
         )
         rows.append((name, seconds, steps, new, decode, quality))
@@ -181,10 +185,10 @@ def main() -> int:
         f"free step); per step, extractive / free: {kept_step / free_step:.2f}x"
     )
     spans = sum(g.text.strip() in c or g.text.strip() == "unanswerable" for g, c in zip(kept, contexts))
-    print(f"extractive answers that are spans of their passage: {spans}/{len(kept)}")
+    print(f"extractive answers that are spans of their passage (or the no-answer text): {spans}/{len(kept)}")
     for g, ex in list(zip(zip(free, kept), examples))[:5]:
         print(
-            f"  Q: {ex.question[:70]!r} gold {ex.answers[0]!r}\n     free {g[0].text[:70]!r}\n     kept {g[1].text[:70]!r}"
+            f"  Q: {ex.question[:70]!r} gold {(ex.answers or ['(none)'])[0]!r}\n     free {g[0].text[:70]!r}\n     kept {g[1].text[:70]!r}"
         )
     return 0
 

@@ -167,3 +167,32 @@ def test_auto_is_on_for_extractive_data_only(tmp_path, tiny_llama_dir):
     prepared = prepare(config_for(tmp_path, tiny_llama_dir, closed), encode=False)
     assert prepared.extractive == (False, "auto: the training data has no passages")
     assert prepare(config_for(tmp_path, tiny_llama_dir, closed, extractive=True), encode=False).extractive[0]
+
+
+def test_generation_eval_during_training_decodes_as_the_run_will(tiny_llama_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.data.example import Example
+    from lorakit.inference.predictor import Predictor
+    from lorakit.prompting.templates import resolve_template
+    from lorakit.train.generation_eval import make_generation_eval
+
+    seen = []
+    original = Predictor.generate_prompts
+
+    def spy(self, prompts, **decoding):
+        seen.append(decoding.get("passages"))
+        return original(self, prompts, **decoding)
+
+    monkeypatch.setattr(Predictor, "generate_prompts", spy)
+    config = config_for(tmp_path, tiny_llama_dir, [{"question": "q", "answer": "a"}], max_new_tokens=4)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    template = resolve_template(config.template, tokenizer, "causal", has_context=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    examples = [
+        Example(messages=[*QUESTION, {"role": "assistant", "content": "Paris"}], context=p, answers=["Paris"])
+        for p in PASSAGES
+    ]
+    for extractive in (True, False):
+        make_generation_eval(config, examples, tokenizer, template, "causal", extractive=extractive)(model)
+    assert seen == [PASSAGES, None]
