@@ -184,8 +184,14 @@ def main() -> int:
         f"per decoding step of up to {args.batch_size} rows ({100 * timer.seconds / timer.calls / free_step:.1f}% of a "
         f"free step); per step, extractive / free: {kept_step / free_step:.2f}x"
     )
-    spans = sum(g.text.strip() in c or g.text.strip() == "unanswerable" for g, c in zip(kept, contexts))
-    print(f"extractive answers that are spans of their passage (or the no-answer text): {spans}/{len(kept)}")
+    # a row cut by max_new_tokens may end inside a multi-byte character, decoded as U+FFFD
+    texts = [g.text.strip().removesuffix("\ufffd") if g.finish_reason == "length" else g.text.strip() for g in kept]
+    spans = sum(t in c or t == "unanswerable" for t, c in zip(texts, contexts))
+    cut = sum(g.finish_reason == "length" and g.text.strip().endswith("\ufffd") for g in kept)
+    print(
+        f"extractive answers that are spans of their passage (or the no-answer text): {spans}/{len(kept)} "
+        f"({cut} cut by max_new_tokens inside a character, that character dropped)"
+    )
     for g, ex in list(zip(zip(free, kept), examples))[:5]:
         print(
             f"  Q: {ex.question[:70]!r} gold {(ex.answers or ['(none)'])[0]!r}\n     free {g[0].text[:70]!r}\n     kept {g[1].text[:70]!r}"
