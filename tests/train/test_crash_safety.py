@@ -65,8 +65,14 @@ class Hook(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == plan.get("pause_at"):
+            # the parent signals once the marker exists: blocked until then, so a signal that arrives
+            # before this process waits stays pending (signal.pause() would miss it and wait forever)
+            stops = {signal.SIGINT, signal.SIGTERM}
+            signal.pthread_sigmask(signal.SIG_BLOCK, stops)
             Path(plan["marker"]).write_text("paused")
-            signal.pause()  # returns once the parent's signal has been handled
+            signum = signal.sigwaitinfo(stops).si_signo
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+            os.kill(os.getpid(), signum)  # delivered again, now to lorakit's handler
         if state.global_step == plan.get("kill_in_save_at"):
             real_save = torch.save
 
