@@ -196,3 +196,17 @@ def test_generation_eval_during_training_decodes_as_the_run_will(tiny_llama_dir,
     for extractive in (True, False):
         make_generation_eval(config, examples, tokenizer, template, "causal", extractive=extractive)(model)
     assert seen == [PASSAGES, None]
+
+
+def test_the_command_line_flag_turns_it_off_for_one_command(run, capsys):
+    from lorakit.cli import main
+
+    passage = PASSAGES[2]
+    printed = {}
+    for flag in ("--extractive", "--no-extractive"):
+        assert main(["generate", str(run), "What jumps?", "--context", passage, "--max-new-tokens", "10", flag]) == 0
+        printed[flag] = capsys.readouterr().out.rstrip("\n")
+    assert is_span(printed["--extractive"], passage)
+    assert printed["--extractive"] == generate_command(str(run), "What jumps?", passage, max_new_tokens=10)
+    free = generate_command(str(run), "What jumps?", passage, max_new_tokens=10, extractive=False)
+    assert printed["--no-extractive"] == free != printed["--extractive"]
