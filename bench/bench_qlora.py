@@ -9,7 +9,9 @@ the same held-out questions (articles never trained on):
 
 Each run trains in a child process of its own, so its peak resident memory (ru_maxrss, read when
 training ends) is its own: weights, activations, optimizer states and the ~0.6 GiB that Python,
-torch and transformers take. Printed: peak RSS, useful training tokens/s (unpacked tokens / wall
+torch and transformers take, and whatever pages of the safetensors file loading left resident; the
+base model's tensor bytes once loaded are printed beside it.
+Printed: peak RSS, the model's tensor bytes, useful training tokens/s (unpacked tokens / wall
 time) and held-out EM/F1 of both, and the base model's.
 
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python bench/bench_qlora.py [--train 160] [--test 50]
@@ -40,6 +42,16 @@ RECIPES = {
 }
 
 
+def model_bytes(config) -> int:
+    """Bytes of every tensor the base model holds once loaded for training (k-bit states included)."""
+    from lorakit.models.loading import load_base_model
+    from lorakit.plan.measure import _quant_state_tensors
+
+    model = load_base_model(config.model, "causal", training=True)
+    tensors = [*model.parameters(), *model.buffers(), *_quant_state_tensors(model)]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
 def child(recipe: str, out: Path, train_path: Path, test_path: Path, compare_base: bool) -> None:
     """Train one recipe, then evaluate it on the held-out questions; write result.json."""
     from lorakit.demo.hubless import ensure_smollm2
@@ -57,12 +69,14 @@ def child(recipe: str, out: Path, train_path: Path, test_path: Path, compare_bas
     paths = train(config)
     train_s = time.perf_counter() - started
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    weights = model_bytes(config)
     started = time.perf_counter()
     summary = evaluate_path(paths.root, split="test", compare_base=compare_base, verbose=False)
     result = {
         "train_s": train_s,
         "tokens_per_s": tokens / train_s,
         "peak_rss": peak_rss,
+        "weights": weights,
         "eval_s": time.perf_counter() - started,
         "n": summary["n"],
         "adapter": {k: summary["adapter"][k] for k in ("exact_match", "f1")},
@@ -103,6 +117,7 @@ def main() -> int:
     print(f"{'':34s} {'32-bit LoRA':>12s} {'4-bit QLoRA':>12s} {'QLoRA / LoRA':>13s}")
     rows = [
         ("peak resident memory, GiB", lora["peak_rss"] / gib, qlora["peak_rss"] / gib, "{:.2f}"),
+        ("base model tensors in memory, MiB", lora["weights"] / 2**20, qlora["weights"] / 2**20, "{:.0f}"),
         ("training tokens/s", lora["tokens_per_s"], qlora["tokens_per_s"], "{:.0f}"),
         ("training time, min", lora["train_s"] / 60, qlora["train_s"] / 60, "{:.1f}"),
         ("held-out EM after", lora["adapter"]["exact_match"], qlora["adapter"]["exact_match"], "{:.1f}"),

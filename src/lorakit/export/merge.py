@@ -321,7 +321,9 @@ def merge_run(
         del reloaded
         result = compare_logits(reference, merged_logits, atol, rtol)
         if quantized is not None and floor_per_prompt is not None:
-            again = quantization_floor(requantized_logits(tmp, info, tokenizer, prompts, device or "cpu"), merged_logits)
+            again = quantization_floor(
+                requantized_logits(tmp, info, tokenizer, prompts, device or "cpu"), merged_logits
+            )
             floor_per_prompt = [max(a, b) for a, b in zip(floor_per_prompt, again)]
             near, worst = within_floor(merged_logits, quantized[0], floor_per_prompt, atol)
             result["quantized_max_abs_diff"], result["quantization_floor"] = worst, max(floor_per_prompt)

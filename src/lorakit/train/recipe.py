@@ -52,7 +52,7 @@ def train(
 ) -> RunPaths:
     """Train a LoRA adapter as configured and write the run folder; returns its paths.
 
-    With train.auto_fit the micro-batch, accumulation, checkpointing (and on GPUs 4-bit) are
+    With train.auto_fit the micro-batch, accumulation, checkpointing (and 4-bit, where bitsandbytes runs it) are
     first chosen to fit the device (lorakit plan --fit). An out-of-memory error before the first
     checkpoint halves the micro-batch and doubles the accumulation, then starts again. Progress
     is logged (logger "lorakit.train"); a live bar is drawn on a terminal.
