@@ -139,7 +139,7 @@ def test_qlora_demo_runs_both_recipes_and_measures_each_peak(tiny_llama_dir, tmp
     assert stored.train.gradient_checkpointing and Path(four_bit["run"]).name == "demo-qlora"
     for run in (lora, four_bit):
         assert 0 <= run["after"]["f1"] <= 100 and run["train_s"] > 0
-        # the high-water mark was reset before the run: at least this process's code, at most all of memory
-        assert run["peak_rss"] is None or 50 * 2**20 < run["peak_rss"] < 64 * 2**30
+        # its own process: at least the code it imports, at most all of memory
+        assert 50 * 2**20 < run["peak_rss"] < 64 * 2**30
     table = qlora.format_qlora_table(result)
-    assert "| peak memory while training (RSS) |" in table and "4-bit QLoRA" in table
+    assert "| peak memory of the training process (RSS) |" in table and "4-bit QLoRA" in table

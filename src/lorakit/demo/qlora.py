@@ -6,8 +6,9 @@ settings (demo/end_to_end.py) and are evaluated on the same held-out articles:
     32-bit LoRA   the demo as it is: float32 base, adamw_torch
     4-bit QLoRA   NF4 + double quantization (float32 compute), paged_adamw_8bit, gradient checkpointing
 
-Peak memory is the process's peak resident set during each training, the kernel's high-water mark
-(VmHWM) reset before each run (/proc/self/clear_refs), so each figure is that run's own.
+Peak memory is each training's own: it runs in a fresh process (multiprocessing, spawn), whose
+peak resident set (ru_maxrss) is read when training ends, so memory the other run's process kept
+(allocator caches, file pages) never counts twice.
 """
 
 from __future__ import annotations
@@ -24,22 +25,50 @@ QLORA: dict[str, dict[str, object]] = {
 }
 
 
-def _reset_peak_rss() -> bool:
+def _train_child(tree: dict, results) -> None:
+    """In the spawned process: train the config and report (run folder, seconds, peak RSS bytes)."""
+    import resource
+
+    from ..config_loading import validate_config
+    from ..errors import LorakitError
+    from ..train.recipe import train
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("lorakit.train", "lorakit.demo"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
-        return True
-    except OSError:
-        return False
+        started = time.perf_counter()
+        paths = train(validate_config(tree))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        results.put(("ok", str(paths.root), time.perf_counter() - started, peak))
+    except LorakitError as exc:
+        results.put(("error", str(exc), 0.0, 0))
+        raise
 
 
-def _peak_rss() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def _train_alone(config) -> tuple[str, float, int]:
+    """Train in a fresh process of its own; (run folder, training seconds, its peak RSS in bytes).
+
+    Raises:
+        RunError: the training process failed (its error is in the message).
+    """
+    import multiprocessing
+
+    from ..errors import RunError
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_train_child, args=(config.model_dump(mode="json"), results))
+    process.start()
+    process.join()
+    if results.empty():
+        raise RunError(f"the demo's training process exited with code {process.exitcode}.", hint="see its output above")
+    status, value, seconds, peak = results.get()
+    if status != "ok":
+        raise RunError(f"the demo's training failed: {value}", hint="see its output above")
+    return value, seconds, peak
 
 
 def run_qlora_demo(workdir: str | Path = "runs/demo", quick: bool = False) -> dict:
@@ -51,15 +80,13 @@ def run_qlora_demo(workdir: str | Path = "runs/demo", quick: bool = False) -> di
 
     Returns:
         {"runs": {"lora": ..., "qlora": ...}, "n_test": count, "times_s": {...}}, each run with
-        before/after metrics, its training seconds and peak resident bytes (None where the OS
-        does not report it).
+        before/after metrics, its training seconds and its training process's peak resident bytes.
 
     Raises:
         ModelError, MissingExtraError: the model cannot be obtained, or bitsandbytes cannot run here.
         LorakitError: anything the pipeline stages raise.
     """
     from ..evaluate.runner import evaluate_path
-    from ..train.recipe import train
     from .end_to_end import demo_config
     from .hubless import ensure_smollm2
 
@@ -77,21 +104,17 @@ def run_qlora_demo(workdir: str | Path = "runs/demo", quick: bool = False) -> di
                 setattr(getattr(config, section), key, value)
         what = "32-bit LoRA" if name == "lora" else "4-bit QLoRA (NF4, paged 8-bit AdamW, checkpointing)"
         logger.info(f"fine-tuning with {what}: {config.train.epochs:g} epochs, CPU")
-        reset = _reset_peak_rss()
-        phase = time.perf_counter()
-        paths = train(config)
-        train_s = time.perf_counter() - phase
-        peak = _peak_rss() if reset else None
+        root, train_s, peak = _train_alone(config)
         logger.info(f"evaluating the {what} run on held-out articles: base model (adapter off), then fine-tuned")
         phase = time.perf_counter()
-        summary = evaluate_path(paths.root, split="test", compare_base=True, verbose=False)
+        summary = evaluate_path(root, split="test", compare_base=True, verbose=False)
         runs[name] = {
             "before": summary["base"],
             "after": summary["adapter"],
             "train_s": round(train_s, 1),
             "evaluate_s": round(time.perf_counter() - phase, 1),
             "peak_rss": peak,
-            "run": str(paths.root),
+            "run": root,
             "report": str(Path(summary["folder"]) / "report.md"),
             "n_test": summary["n"],
         }
@@ -102,15 +125,15 @@ def format_qlora_table(result: dict) -> str:
     """The side-by-side table `lorakit demo --qlora` prints."""
     lora, qlora = result["runs"]["lora"], result["runs"]["qlora"]
 
-    def gib(n: int | None) -> str:
-        return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+    def gib(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB"
 
     def score(run: dict, when: str, key: str, unit: str = "") -> str:
         value = run[when].get(key)
         return "n/a" if value is None else f"{value:.1f}{unit}"
 
     rows = [
-        ("peak memory while training (RSS)", gib(lora["peak_rss"]), gib(qlora["peak_rss"])),
+        ("peak memory of the training process (RSS)", gib(lora["peak_rss"]), gib(qlora["peak_rss"])),
         ("training time", f"{lora['train_s']:.0f} s", f"{qlora['train_s']:.0f} s"),
         ("evaluation time (before + after)", f"{lora['evaluate_s']:.0f} s", f"{qlora['evaluate_s']:.0f} s"),
         ("exact match before", score(lora, "before", "exact_match"), score(qlora, "before", "exact_match")),

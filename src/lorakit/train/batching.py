@@ -128,24 +128,3 @@ def build_batching(
         f"{packed} tokens to compute instead of {unpacked} ({unpacked / max(packed, 1):.2f}x fewer)"
     )
     return Batching(train_dataset, eval_dataset, PackedCollator(pad_token_id, max_length, share), 1, True)
-
-
-def seeded_length_grouped_sampler(dataset, batch_size: int, seed: int):
-    """transformers' LengthGroupedSampler draws its permutation from the global RNG at each epoch's
-    start, which a resumed run restores only later, so a run resumed mid-epoch saw other batches
-    than the uninterrupted one. This one draws from its own generator, seeded by (seed, epoch);
-    the Trainer calls set_epoch before each epoch, so every epoch's order is fixed by the seed."""
-    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
-
-    class SeededLengthGroupedSampler(LengthGroupedSampler):
-        epoch = 0
-
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = epoch
-
-        def __iter__(self):
-            generator = torch.Generator()
-            generator.manual_seed(seed + 1_000_003 * self.epoch)
-            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
-
-    return SeededLengthGroupedSampler(batch_size, dataset=dataset, model_input_name="input_ids")

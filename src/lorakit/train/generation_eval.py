@@ -42,15 +42,6 @@ class GenerationEvalTrainer(Trainer):
         self.generation_eval = generation_eval
         self.labelled_logits_only = labelled_logits_only
 
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy != "group_by_length" or self.args.world_size > 1 or dataset is None:
-            return super()._get_train_sampler(train_dataset)
-        from .batching import seeded_length_grouped_sampler  # resumable: its order is fixed by the seed
-
-        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-        return seeded_length_grouped_sampler(dataset, batch, self.args.data_seed or self.args.seed)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "shift_labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
