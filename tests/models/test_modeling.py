@@ -84,6 +84,9 @@ def test_kbit_loading_on_this_device(tiny_llama_dir, quantization, layer):
         assert state.quant_type == "nf4" and state.nested
         assert q_proj.compute_dtype == kbit.compute_dtype(torch.float32, None)
     assert model.lm_head.weight.dtype == torch.float32  # the head stays unquantized
+    full = modeling.load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), "causal")
+    total = sum(p.numel() for p in full.parameters())  # a 4-bit weight packs two per byte, counted as two
+    assert lora.trainable_summary(model) == f"trainable 0 of {lora._count(total)} parameters (0.00%)"
     assert kbit.probe("quantization", "nowhere") is not None  # an unknown device is never "supported"
 
 
