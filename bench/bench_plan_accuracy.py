@@ -18,6 +18,7 @@ the converted SmolLM2 tokenizer are there (the largest of its micro-batches, whe
     .venv/bin/python bench/bench_plan_accuracy.py --threads 1  # on a CPU shared with other jobs
     .venv/bin/python bench/bench_plan_accuracy.py --issue11  # only the labelled-only and packed rows
     .venv/bin/python bench/bench_plan_accuracy.py --smollm2  # only those on SmolLM2 and SQuAD
+    .venv/bin/python bench/bench_plan_accuracy.py --quant    # only the 4-bit / 8-bit (bitsandbytes) rows
 """
 
 from __future__ import annotations
@@ -114,6 +115,50 @@ SMOLLM = [
     ),
 ]
 
+# --- issue 13: the seeds' QLoRA recipe (4-bit NF4 / 8-bit bitsandbytes layers, 8-bit AdamW) on the CPU
+QLORA = dict(quantization="4bit", optimizer="paged_adamw_8bit")
+QUANT = [
+    (
+        "tiny b4 s128 r8 all 4bit paged8",
+        tiny(),
+        dict(micro_batch=4, seq_len=128, lora_r=8, target_modules="all-linear", **QLORA),
+    ),
+    (
+        "tiny b4 s128 r8 all 8bit paged8",
+        tiny(),
+        dict(
+            micro_batch=4,
+            seq_len=128,
+            lora_r=8,
+            target_modules="all-linear",
+            quantization="8bit",
+            optimizer="paged_adamw_8bit",
+        ),
+    ),
+    (
+        "small b4 s128 r16 all ckpt 4bit paged8",
+        tiny(h=256, layers=4, inter=768, heads=8, kv=4, vocab=8000),
+        dict(micro_batch=4, seq_len=128, lora_r=16, target_modules="all-linear", gradient_checkpointing=True, **QLORA),
+    ),
+    (
+        "SmolLM2-135M b2 s256 r16 qv ckpt 4bit paged8",
+        smollm2,
+        dict(micro_batch=2, seq_len=256, lora_r=16, target_modules="auto", gradient_checkpointing=True, **QLORA),
+    ),
+    (
+        "SmolLM2-135M b1 s256 r16 all 8bit adamw8",
+        smollm2,
+        dict(
+            micro_batch=1,
+            seq_len=256,
+            lora_r=16,
+            target_modules="all-linear",
+            quantization="8bit",
+            optimizer="adamw_8bit",
+        ),
+    ),
+]
+
 
 # --- issue 11: labelled-only logits and packed micro-batches ------------------------------------
 
@@ -205,7 +250,10 @@ SMOLLM_ISSUE11 = [
 
 def main() -> None:
     quick = "--quick" in sys.argv
-    configs = [] if "--issue11" in sys.argv or "--smollm2" in sys.argv else CONFIGS + ([] if quick else SMOLLM)
+    only = {"--issue11", "--smollm2", "--quant"} & set(sys.argv)
+    configs = [] if only else CONFIGS + ([] if quick else SMOLLM)
+    if not only or "--quant" in only:  # the SmolLM2 k-bit rows are part of the full run, not of --quick
+        configs += [c for c in QUANT if not (quick and c[1] is smollm2)]
     if "--threads" in sys.argv:  # e.g. 1 on a machine shared with other jobs, where threads fight
         torch.set_num_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
     rate, op_seconds = cpu_rates(use_cache=False)
@@ -235,6 +283,7 @@ def main() -> None:
             seq_len=step["seq_len"],
             gradient_checkpointing=step.get("gradient_checkpointing", False),
             labelled_tokens=kw.get("labelled_tokens") if kw["labelled_logits_only"] else None,
+            quantization=step.get("quantization", "none"),
         ).seconds_per_step
         measured = measure_lora_step(make(), timed_steps=2, dtype=dtype, **step, **(measure or {}))
         mem_ratios.append(predicted / measured.peak_bytes)
@@ -253,7 +302,11 @@ def main() -> None:
         step = dict(step)
         row(name, make, step, dtype=getattr(torch, step.pop("dtype", "float32")))
 
-    rows = ([] if "--smollm2" in sys.argv else ISSUE11) + ([] if quick else SMOLLM_ISSUE11)
+    rows = (
+        []
+        if "--quant" in sys.argv
+        else ([] if "--smollm2" in sys.argv else ISSUE11) + ([] if quick else SMOLLM_ISSUE11)
+    )
     squad = None if quick else squad_micro_batch(4)
     for name, make, settings, features_for, packing, labelled_only in rows:
         features = features_for(make().vocab_size) if features_for else squad

@@ -4,8 +4,8 @@
     python requirements/lock.py verify       # after `make install`: the venv holds exactly the lock
 
 The lock is universal (one file for CPython 3.10+ on Linux, macOS and Windows; environment markers
-pick each package's version) and hashed. It covers the runtime dependencies, the `dev` and `serve`
-extras and the build requirements, everything but torch: pip's CPU wheel of torch is not PyPI's
+pick each package's version) and hashed. It covers the runtime dependencies, the `dev`, `serve` and
+`quant` extras (so tests run the real bitsandbytes) and the build requirements, everything but torch: pip's CPU wheel of torch is not PyPI's
 file, so torch is pinned by version alone (requirements/torch.txt) and installed separately, and
 its CUDA-only dependencies (requirements/cuda-only.txt) are left out.
 
@@ -32,7 +32,7 @@ ROOT = HERE.parent
 LOCK = HERE / "lock.txt"
 TORCH = HERE / "torch.txt"
 CUDA_ONLY = HERE / "cuda-only.txt"
-EXTRAS = ("dev", "serve")
+EXTRAS = ("dev", "serve", "quant")
 PYTHON_FLOOR = "3.10"
 DIGEST_PREFIX = "# inputs-sha256: "
 # Installed by `make install` outside the lock, or part of every venv.
@@ -83,6 +83,11 @@ def _lines(path: Path) -> list[str]:
 
 def compile_lock(uv: str) -> None:
     build = "\n".join(inputs()["build-system"]) + "\n"
+    # uv keeps the versions already in its output file unless the inputs force a change, so adding
+    # one dependency adds its pins without upgrading everything else: start it from the current lock.
+    preferences = ROOT / "build" / "lock-preferences.txt"
+    preferences.parent.mkdir(parents=True, exist_ok=True)
+    preferences.write_text(LOCK.read_text(encoding="utf-8") if LOCK.exists() else "", encoding="utf-8")
     command = [
         uv,
         "pip",
@@ -97,6 +102,7 @@ def compile_lock(uv: str) -> None:
         f"--constraints={TORCH.relative_to(ROOT)}",
         f"--excludes={CUDA_ONLY.relative_to(ROOT)}",
         "--no-emit-package=torch",
+        f"--output-file={preferences.relative_to(ROOT)}",
         "--quiet",
     ]
     # UV_* settings of the caller's machine (another index, a cut-off date) would change the result.
@@ -113,9 +119,10 @@ def compile_lock(uv: str) -> None:
         f"{DIGEST_PREFIX}{inputs_digest()}\n"
     )
     tmp = LOCK.with_suffix(".tmp")
-    tmp.write_text(header + body.stdout, encoding="utf-8")
+    resolved = preferences.read_text(encoding="utf-8")
+    tmp.write_text(header + resolved, encoding="utf-8")
     os.replace(tmp, LOCK)
-    pins = sum(1 for line in body.stdout.splitlines() if line[:1] not in ("", " ", "#"))
+    pins = sum(1 for line in resolved.splitlines() if line[:1] not in ("", " ", "#"))
     print(f"wrote {LOCK.relative_to(ROOT)}: {pins} pins")
 
 

@@ -230,7 +230,6 @@ CASES = {
     # --- training setup (nothing may be left behind: no run folder) ---
     "train-missing-data": lambda c: c.train("", f"data.path={c.root / 'missing.jsonl'}"),
     "train-truncated-model": lambda c: c.train("", f"model.name_or_path={c.broken_model(_truncate)}"),
-    "train-4bit-on-cpu": lambda c: c.train("", "model.quantization=4bit"),
 }
 
 

@@ -25,6 +25,7 @@ import importlib
 import types
 from typing import TYPE_CHECKING, Any
 
+from . import models as _models  # noqa: F401  (installs the filter on bitsandbytes' noisy log lines; no torch)
 from ._version import __version__
 from .errors import (
     ConfigError,

@@ -267,8 +267,16 @@ def plan(
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Where the demo run goes."),
     quick: bool = typer.Option(False, "--quick", help="One epoch instead of three (a smaller gain)."),
+    qlora: bool = typer.Option(
+        False, "--qlora", help="Also the seeds' QLoRA recipe (4-bit NF4, paged 8-bit AdamW), with peak memory."
+    ),
 ):
     """Offline end to end on the CPU: SmolLM2-135M-Instruct, before/after scores on bundled QA data."""
+    if qlora:
+        from .demo.qlora import format_qlora_table, run_qlora_demo
+
+        typer.echo(format_qlora_table(run_qlora_demo(workdir=str(workdir), quick=quick)))
+        return
     from .demo.end_to_end import format_table, run_demo
 
     typer.echo(format_table(run_demo(workdir=str(workdir), quick=quick)))

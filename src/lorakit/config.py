@@ -93,7 +93,9 @@ class ModelConfig(Section):
         description="auto: float32 on CPU, bf16 on GPUs that have it, fp16 + float32 master weights otherwise (T4).",
     )
     quantization: Literal["none", "4bit", "8bit"] = Field(
-        "none", description="4bit = QLoRA (NF4, double quantization); needs a CUDA GPU and bitsandbytes."
+        "none",
+        description="4bit = QLoRA (NF4, double quantization), 8bit = LLM.int8, through bitsandbytes (lorakit[quant]) "
+        "wherever it runs: CUDA, the CPU (float32 compute; bitsandbytes >= 0.46), ...",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
     attn_implementation: str | None = Field(

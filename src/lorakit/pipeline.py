@@ -13,6 +13,7 @@ that serve's shared-base loading also needs.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from .prompting.encoding import TokenizeStats
     from .prompting.templates import Template
 
+logger = logging.getLogger("lorakit.evaluate")  # loading a run serves eval, generate, chat, merge and serve
 
 # --- prepare: config -> tokenizer, splits, template, features ------------------------------------
 
@@ -203,8 +205,9 @@ def load_run(
         adapter: False loads the base alone (for a merged folder: the base it was merged from),
             so the same prompts can be compared without the fine-tuning.
         dtype: the weights' dtype (default: models.precision.choose_precision("auto", device)).
-        quantize: load a QLoRA run's base quantized again where that can run (CUDA); merge passes
-            False, since merging needs real 16/32-bit weights.
+        quantize: load a QLoRA run's base quantized again, as it trained, where the installed
+            bitsandbytes runs k-bit layers on `device` (else unquantized, with a warning); merge
+            passes False, since merging needs real 16/32-bit weights.
 
     Returns:
         LoadedRun (model in eval mode; a peft model when the adapter is applied).
@@ -223,15 +226,19 @@ def load_run(
     if not merged:
         check_base_weights(info)
     quantization = "none"
-    if quantize and not merged and info.config is not None and device.startswith("cuda"):
+    if quantize and not merged and info.config is not None and info.config.model.quantization != "none":
+        from .models import kbit
+
         quantization = info.config.model.quantization
+        if not kbit.supports("quantization", device):
+            reason = kbit.probe("quantization", kbit.device_type(device))
+            logger.warning(f"the run trained on a {quantization} base; {reason}, so the base loads unquantized")
+            quantization = "none"
     model_config = run_model_config(info, merged=merged, quantization=quantization)
     tokenizer = run_tokenizer(info)
     if dtype is None:
         dtype, _ = choose_precision("auto", device)
-    model = load_base_model(
-        model_config, info.task_type, dtype=dtype, device=None if quantization != "none" else device
-    )
+    model = load_base_model(model_config, info.task_type, dtype=dtype, device=device)
     if not merged:
         check_base_revision(info, model)
     if getattr(model.config, "pad_token_id", None) is None:

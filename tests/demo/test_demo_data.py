@@ -122,3 +122,24 @@ def test_run_demo_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, monkeypat
     assert capsys.readouterr().out == ""  # a library function: `lorakit demo` prints the table
     table = demo.format_table(result)
     assert "| F1 |" in table and "never stops" in table and result["report"] in table
+
+
+@pytest.mark.integration  # both demo recipes end to end on the tiny model
+def test_qlora_demo_runs_both_recipes_and_measures_each_peak(tiny_llama_dir, tmp_path, monkeypatch):
+    import lorakit.demo.hubless
+    from lorakit.demo import qlora
+    from lorakit.run_metadata import read_run
+
+    monkeypatch.setattr(lorakit.demo.hubless, "ensure_smollm2", lambda *a, **k: tiny_llama_dir)
+    result = qlora.run_qlora_demo(tmp_path / "runs" / "demo", quick=True)
+    lora, four_bit = result["runs"]["lora"], result["runs"]["qlora"]
+    assert read_run(lora["run"]).config.model.quantization == "none"
+    stored = read_run(four_bit["run"]).config
+    assert stored.model.quantization == "4bit" and stored.train.optimizer == "paged_adamw_8bit"
+    assert stored.train.gradient_checkpointing and Path(four_bit["run"]).name == "demo-qlora"
+    for run in (lora, four_bit):
+        assert 0 <= run["after"]["f1"] <= 100 and run["train_s"] > 0
+        # its own process: at least the code it imports, at most all of memory
+        assert 50 * 2**20 < run["peak_rss"] < 64 * 2**30
+    table = qlora.format_qlora_table(result)
+    assert "| peak memory of the training process (RSS) |" in table and "4-bit QLoRA" in table

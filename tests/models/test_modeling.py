@@ -61,13 +61,33 @@ def test_missing_and_non_model_paths_raise_model_error(tmp_path):
         modeling.load_base_model(ModelConfig(name_or_path=str(tmp_path / "m.gguf")), "causal")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
-def test_quantization_on_cpu_fails_before_loading(tiny_llama_dir):
+def test_quantization_where_bitsandbytes_cannot_run_fails_before_loading(tiny_llama_dir, monkeypatch):
+    from lorakit.models import kbit
+
+    monkeypatch.setattr(kbit, "probe", lambda part, device: f"bitsandbytes 0.45.5 has no {device} backend")
     config = ModelConfig(name_or_path=str(tiny_llama_dir), quantization="4bit")
     with mock.patch("transformers.AutoModelForCausalLM.from_pretrained") as loader:
-        with pytest.raises(ModelError, match="needs a CUDA GPU.*quantization=none"):
-            modeling.load_base_model(config, "causal")
+        with pytest.raises(ModelError, match=r"has no cpu backend.*pip install 'bitsandbytes>=0\.46'"):
+            modeling.load_base_model(config, "causal", device="cpu")
         loader.assert_not_called()
+
+
+@pytest.mark.parametrize("quantization, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_kbit_loading_on_this_device(tiny_llama_dir, quantization, layer):
+    from lorakit.models import kbit
+
+    model = modeling.load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir), quantization=quantization), "causal")
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == layer
+    if quantization == "4bit":  # NF4, double-quantized, computing in float32 on the CPU
+        state = q_proj.weight.quant_state
+        assert state.quant_type == "nf4" and state.nested
+        assert q_proj.compute_dtype == kbit.compute_dtype(torch.float32, None)
+    assert model.lm_head.weight.dtype == torch.float32  # the head stays unquantized
+    full = modeling.load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), "causal")
+    total = sum(p.numel() for p in full.parameters())  # a 4-bit weight packs two per byte, counted as two
+    assert lora.trainable_summary(model) == f"trainable 0 of {lora._count(total)} parameters (0.00%)"
+    assert kbit.probe("quantization", "nowhere") is not None  # an unknown device is never "supported"
 
 
 def test_apply_lora_auto_targets_per_family(tiny_llama_dir, tiny_t5_dir):

@@ -341,10 +341,17 @@ def test_plan_command_uses_the_real_token_lengths(tiny_llama_dir, tmp_path):
     assert "packed (passages)" in packed and f"and {sum(stats.lengths)} in the examples" in packed
 
 
-def test_plan_errors_name_the_fix(tiny_llama_dir):
+def test_cpu_plans_k_bit_weights_too(tiny_llama_dir):
     config = config_for(tiny_llama_dir)
-    config.model.quantization = "4bit"
-    with pytest.raises(ModelError, match="quantization"):
-        estimate_memory(config, read_model_shape(config.model), "cpu", 64)
+    shape = read_model_shape(config.model)
+    full = estimate_memory(config, shape, "cpu", 64).parts["weights"]
+    for quantization, factor in (("4bit", 0.5158), ("8bit", 1.0)):  # bytes per linear weight, scales aside
+        config.model.quantization = quantization
+        weights = estimate_memory(config, shape, "cpu", 64).parts["weights"]
+        rest = (shape.n_params - shape.linear_params) * 4
+        assert weights < full and weights >= shape.linear_params * factor + rest
+
+
+def test_plan_errors_name_the_fix(tiny_llama_dir):
     with pytest.raises(ConfigError, match="unknown device"):
         gpu_spec("tpu")

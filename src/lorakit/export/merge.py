@@ -14,6 +14,13 @@ done in float32 and cast to the requested dtype afterwards. Every logit must sat
     float16   atol 5e-2, rtol 2e-2   (10-bit mantissa: ~1e-3 relative per op, compounding over layers)
     bfloat16  atol 2e-1, rtol 5e-2   (7-bit mantissa: ~8e-3 relative per op)
 
+A run trained on a 4-bit/8-bit base is merged into the unquantized base (k-bit weights cannot
+hold the merge), so the merged model is not the model that trained: it lacks the base's
+quantization error. Where bitsandbytes can load that base again, the merged logits are also
+compared with the quantized base + adapter, and must lie within 1.5x (+ atol) of the error the
+quantization alone causes on the same prompts: the larger of the base's (quantized vs not,
+adapter off) and the merged weights' (quantized again with the same scheme vs not).
+
 Half precision alone can exceed these on some models (activations in the hundreds), so for
 float16/bfloat16 the merge also passes when it is within 1.5x (+ atol) of the difference that
 base + adapter itself shows, unmerged, in that dtype: the merge then adds no error of its own.
@@ -43,7 +50,11 @@ from .verify import (
     TOLERANCES,
     _logits,
     compare_logits,
+    quantization_floor,
+    requantized_logits,
+    trained_reference,
     verification_prompts,
+    within_floor,
 )
 
 VERIFICATION_FILE = "merge_verification.json"
@@ -66,6 +77,9 @@ class MergeReport:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     dtype_noise_floor: float | None = None  # float16/bfloat16: base + adapter itself in that dtype
+    # a run trained on a k-bit base: the merged model against that model as it trained
+    quantized_max_abs_diff: float | None = None  # merged vs quantized base + adapter
+    quantization_floor: float | None = None  # quantized base vs unquantized base (largest over prompts)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,6 +96,13 @@ class MergeReport:
             lines.append(
                 f"For comparison, base + adapter unmerged in {self.dtype} differs from float32 by up to "
                 f"{self.dtype_noise_floor:.3g} (the precision's own noise; the merge may be up to {FLOOR_FACTOR:g}x that)."
+            )
+        if self.quantization_floor is not None and self.quantized_max_abs_diff is not None:
+            lines.append(
+                f"Against the model as it trained (the quantized base + adapter) the merged logits differ by up to "
+                f"{self.quantized_max_abs_diff:.3g}; the quantization alone moves them by up to "
+                f"{self.quantization_floor:.3g} (base, and merged weights quantized again; the merge may be up to "
+                f"{FLOOR_FACTOR:g}x that, per prompt)."
             )
         return "\n".join(lines)
 
@@ -243,13 +264,21 @@ def merge_run(
     if quantization != "none":
         notes.append(
             f"The run trained on a {quantization}-quantized base; merging into k-bit weights would lose quality, "
-            "so the base is loaded unquantized in float32 and the adapter merged into that."
+            "so the base is loaded unquantized in float32 and the adapter merged into that; the result is also "
+            "checked against the quantized base + adapter, within the quantization's own error."
         )
     # merging needs real weights: the base loads unquantized, in float32 (on the CPU unless told)
     run = load_run(info, device=device or "cpu", dtype=torch.float32, quantize=False)
     tokenizer, peft_model = run.tokenizer, run.model
     prompts = list(verify_inputs) if verify_inputs else verification_prompts(info)
     reference = _logits(peft_model, tokenizer, prompts, info.task_type)
+    quantized = trained_reference(info, device or "cpu", tokenizer, prompts)
+    if quantization != "none" and quantized is None:
+        notes.append("bitsandbytes cannot load the quantized base here, so only the unquantized check ran.")
+    floor_per_prompt = None
+    if quantized is not None:
+        with peft_model.disable_adapter():
+            floor_per_prompt = quantization_floor(quantized[1], _logits(peft_model, tokenizer, prompts, info.task_type))
     merged = peft_model.merge_and_unload()
     del peft_model, run
     merged = merged.to(torch_dtype)
@@ -290,8 +319,17 @@ def merge_run(
             # transformers wraps nn.Module.to in a decorator whose type hides the signature
             reloaded = reloaded.to(device)  # type: ignore[arg-type]
         atol, rtol = TOLERANCES[dtype]
-        result = compare_logits(reference, _logits(reloaded, tokenizer, prompts, info.task_type), atol, rtol)
+        merged_logits = _logits(reloaded, tokenizer, prompts, info.task_type)
         del reloaded
+        result = compare_logits(reference, merged_logits, atol, rtol)
+        if quantized is not None and floor_per_prompt is not None:
+            again = quantization_floor(
+                requantized_logits(tmp, info, tokenizer, prompts, device or "cpu"), merged_logits
+            )
+            floor_per_prompt = [max(a, b) for a, b in zip(floor_per_prompt, again)]
+            near, worst = within_floor(merged_logits, quantized[0], floor_per_prompt, atol)
+            result["quantized_max_abs_diff"], result["quantization_floor"] = worst, max(floor_per_prompt)
+            result["passed"] = result["passed"] and near
         floor: float | None = None
         if dtype != "float32":
             # what the precision alone costs: base + adapter, unmerged, run in the same dtype
@@ -315,9 +353,15 @@ def merge_run(
         )
         atomic_write_json(tmp / VERIFICATION_FILE, {**report.to_dict(), "prompts": prompts})
         if not report.passed:
+            against = (
+                f"; from the quantized base + adapter it trained as by up to {report.quantized_max_abs_diff:.3g} "
+                f"({FLOOR_FACTOR:g}x the quantization error {report.quantization_floor:.3g} allowed)"
+                if report.quantization_floor is not None
+                else ""
+            )
             raise ModelError(
                 f"merge verification failed: the merged {dtype} model's logits differ from base + adapter by up to "
-                f"{report.max_abs_diff:.3g} (tolerance atol {atol:g}, rtol {rtol:g}); nothing was written to '{out}'.",
+                f"{report.max_abs_diff:.3g} (tolerance atol {atol:g}, rtol {rtol:g}){against}; nothing was written to '{out}'.",
                 hint="merge with --dtype float32; if that fails too, the adapter does not match this base model",
             )
         _publish(tmp, out)

@@ -1,5 +1,5 @@
 """Load a base model and its tokenizer (hub id, local folder or GGUF), pick the precision for the
-device, quantize when asked (QLoRA, CUDA only), and wrap the model with a peft LoRA adapter.
+device, quantize when asked (QLoRA, wherever bitsandbytes runs: models/kbit.py), and wrap the model with a peft LoRA adapter.
 """
 
 from __future__ import annotations
@@ -151,21 +151,24 @@ def load_tokenizer(model_config: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def check_quantization(model_config: ModelConfig) -> None:
-    """Fail before loading any weights when k-bit quantization cannot run here.
+def check_quantization(model_config: ModelConfig, device: str | None = None) -> None:
+    """Fail before loading any weights when k-bit quantization cannot run on `device` (default:
+    the best available): bitsandbytes is missing, or the installed one cannot run there.
 
     Raises:
-        ModelError: 4bit/8bit without a CUDA GPU.
         MissingExtraError: bitsandbytes is not installed.
+        ModelError: the installed bitsandbytes has no working k-bit layers on the device (the
+            message names the version that has).
     """
     if model_config.quantization == "none":
         return
-    if not torch.cuda.is_available():
-        raise ModelError(
-            f"model.quantization={model_config.quantization}: bitsandbytes k-bit quantization (QLoRA) needs a CUDA GPU, and none is available.",
-            hint="set model.quantization=none to train in float32 on the CPU (use a small model)",
-        )
-    require("bitsandbytes", "quant", f"model.quantization={model_config.quantization}")
+    from . import kbit
+
+    setting = f"model.quantization={model_config.quantization}"
+    require("bitsandbytes", "quant", setting)
+    problem = kbit.why_not("quantization", setting, device)
+    if problem is not None:
+        raise ModelError(problem[0], hint=problem[1])
 
 
 def load_base_model(
@@ -175,19 +178,22 @@ def load_base_model(
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
     compute_dtype: torch.dtype | None = None,
+    training: bool = False,
 ) -> PreTrainedModel:
     """AutoModelForCausalLM / AutoModelForSeq2SeqLM from a hub id, folder or GGUF file.
 
-    With model.quantization 4bit/8bit (CUDA only): NF4 + double quantization, computing in
-    `compute_dtype` (default: dtype, or float16 when dtype is float32), then peft's
-    prepare_model_for_kbit_training.
+    With model.quantization 4bit/8bit (wherever the installed bitsandbytes runs them): NF4 +
+    double quantization (or LLM.int8), on `device` (default: the best available), computing in
+    `compute_dtype` (default: float32 on the CPU; elsewhere dtype, or float16 when dtype is
+    float32), then peft's prepare_model_for_kbit_training. `training` keeps 4-bit layers on
+    bitsandbytes' differentiable kernels (kbit.keep_autograd_kernels).
 
     Raises:
         ModelError: missing path, not a model, unsupported quantization device, load failure.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    check_quantization(model_config)  # before touching any weights
+    check_quantization(model_config, device)  # before touching any weights
     source, gguf, is_local = resolve_source(model_config)
     kwargs = _pretrained_kwargs(model_config, gguf)
     kwargs["dtype"] = dtype
@@ -199,7 +205,10 @@ def load_base_model(
     if quantized:
         from transformers import BitsAndBytesConfig
 
-        compute = compute_dtype or (dtype if dtype != torch.float32 else torch.float16)
+        from .kbit import compute_dtype as kbit_compute_dtype
+        from .kbit import device_type
+
+        compute = compute_dtype or kbit_compute_dtype(dtype, device)
         if model_config.quantization == "4bit":
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True,
@@ -209,7 +218,9 @@ def load_base_model(
             )
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
+        kind = device_type(device)
+        where = device if device and ":" in device else (torch.cuda.current_device() if kind == "cuda" else kind)
+        kwargs.setdefault("device_map", {"": where})
     auto = AutoModelForSeq2SeqLM if task_type == "seq2seq" else AutoModelForCausalLM
     from safetensors import SafetensorError
 
@@ -218,10 +229,18 @@ def load_base_model(
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise _load_error(f"{task_type} model", source, exc, is_local) from exc
     if quantized:
+        # gradient checkpointing is switched on (or not) by apply_lora
+        import warnings
+
         from peft import prepare_model_for_kbit_training
 
-        # gradient checkpointing is switched on (or not) by apply_lora
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        with warnings.catch_warnings():  # peft calls an API transformers 5 deprecates; not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if training:
+            from .kbit import keep_autograd_kernels
+
+            keep_autograd_kernels(model)
     elif device is not None and "device_map" not in kwargs:
         model = model.to(device)
     return model

@@ -105,9 +105,16 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def _weights(param: torch.Tensor) -> int:
+    """How many weights a parameter holds: a 4-bit one packs two in each byte (its quant_state knows)."""
+    state = getattr(param, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
+
+
 def trainable_summary(model: torch.nn.Module) -> str:
     """A one-line count such as 'trainable 0.12M of 4.30M parameters (2.79%)'."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_weights(p) for p in model.parameters())
     share = 100.0 * trainable / total if total else 0.0
     return f"trainable {_count(trainable)} of {_count(total)} parameters ({share:.2f}%)"

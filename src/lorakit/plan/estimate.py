@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass, field
 
 from ..config import LorakitConfig
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError
 from ..prompting.encoding import IGNORE
 from .devices import GpuSpec, gpu_spec, precision_bytes, step_time
 from .memory import (
@@ -229,11 +229,6 @@ def estimate_memory(
     `rows` rows (default train.micro_batch_size), `labelled` of their positions labelled (None:
     all), `packed` rows carrying a 4D attention mask."""
     spec = gpu if isinstance(gpu, GpuSpec) else gpu_spec(gpu)
-    if spec.name == "cpu" and config.model.quantization != "none":
-        raise ModelError(
-            f"model.quantization={config.model.quantization}: bitsandbytes k-bit quantization (QLoRA) needs a CUDA GPU, but the plan is for the CPU.",
-            hint="set model.quantization=none, or plan for a GPU with --gpu t4 (or l4, a100-40g, ...)",
-        )
     weight_b, act_b, _ = precision_bytes(config, spec)
     return estimate_step_memory(
         shape,

@@ -55,7 +55,7 @@ def fit_config(
     """A copy of `config` that fits `gpu`, and each choice made with its reason.
 
     In order: the largest micro-batch that fits (gradient accumulation keeps the effective batch);
-    then gradient checkpointing; then 4-bit quantization (GPUs only); then a shorter max_length,
+    then gradient checkpointing; then 4-bit quantization (on a CPU plan only where the installed bitsandbytes runs it); then a shorter max_length,
     never below the length that keeps every answer whole. If nothing fits the last choice says so.
 
     Args:
@@ -107,7 +107,7 @@ def fit_config(
         new.train.gradient_checkpointing = True
         if batch_choice(" with checkpointing"):
             return new, choices
-    if spec.name != "cpu" and new.model.quantization != "4bit":
+    if new.model.quantization != "4bit" and _can_quantize(spec.name):
         choices.append(
             f"model.quantization=4bit: micro-batch 1 with checkpointing still needs {need()}; NF4 with double "
             "quantization (QLoRA) stores the linear weights in about 4.1 bits each"
@@ -154,6 +154,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return (oom is not None and isinstance(oom, type) and isinstance(exc, oom)) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
     )
+
+
+def _can_quantize(device: str) -> bool:
+    """A GPU plan may always suggest 4-bit (the GPU is elsewhere); a CPU plan is for this machine."""
+    if device != "cpu":
+        return True
+    from ..models import kbit
+
+    return kbit.supports("quantization", "cpu")
 
 
 def run_with_oom_backoff(

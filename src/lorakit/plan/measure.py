@@ -94,6 +94,8 @@ def measure_lora_step(
     labelled: int | None = None,
     loss_fn: Callable[[Any, dict[str, Any]], Any] | None = None,
     batch: dict[str, Any] | None = None,
+    quantization: str = "none",
+    optimizer: str = "adamw_torch",
 ) -> StepMeasurement:
     """Run real LoRA training steps on a random-init causal LM built from `hf_config` (on the CPU, in
     `dtype`, default float32) the way the Trainer does (loss only is kept, then backward, AdamW step, zero grads) and measure
@@ -102,7 +104,11 @@ def measure_lora_step(
     The batch is `micro_batch` x `seq_len` random ids with labels everywhere, or only on the last
     `labelled` positions of each row (an answer after its prompt), given as `shift_labels` too;
     `batch` replaces it (e.g. a collator's packed rows). The loss is the model's own, or
-    `loss_fn(model, batch)` (train.loss.causal_loss, which plan cannot import)."""
+    `loss_fn(model, batch)` (train.loss.causal_loss, which plan cannot import).
+
+    `quantization` 4bit/8bit loads the random model through bitsandbytes as training does (saved to
+    a temporary folder first); `optimizer` names a transformers optimizer: adamw_torch, or one of
+    bitsandbytes' 8-bit AdamW variants (adamw_8bit, paged_adamw_8bit, ...)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -111,11 +117,18 @@ def measure_lora_step(
     hf_config._attn_implementation = attn
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32)
+    if quantization != "none":
+        model = _quantized_copy(model, quantization, dtype or torch.float32)
     lora = LoraConfig(r=lora_r, alpha=2 * lora_r, dropout=lora_dropout, target_modules=target_modules)
     model = apply_lora(model, lora, "causal", gradient_checkpointing=gradient_checkpointing)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    if "8bit" in optimizer:
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW(params, lr=1e-4, optim_bits=8, is_paged="paged" in optimizer)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-4)
     if batch is None:
         ids = torch.randint(0, hf_config.vocab_size, (micro_batch, seq_len))
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -128,11 +141,11 @@ def measure_lora_step(
         # the output (logits) is dropped before backward, as in Trainer
         loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     tracker = TensorMemoryTracker()
-    tracker.track([list(model.parameters()), list(model.buffers()), batch])
+    tracker.track([list(model.parameters()), list(model.buffers()), batch, _quant_state_tensors(model)])
     with tracker:
         for _ in range(steps):
             step()
@@ -141,3 +154,42 @@ def measure_lora_step(
         step()
     seconds = (time.perf_counter() - started) / timed_steps if timed_steps else float("nan")
     return StepMeasurement(peak_bytes=tracker.peak, seconds_per_step=seconds)
+
+
+def _quantized_copy(model, quantization: str, dtype):
+    """`model` saved and loaded back through bitsandbytes (lorakit's k-bit loading, for training)."""
+    import tempfile
+
+    from ..config import ModelConfig
+    from ..models.loading import load_base_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        config = ModelConfig(name_or_path=folder, quantization=quantization, task_type="causal")
+        return load_base_model(config, "causal", dtype=dtype, training=True)
+
+
+def _quant_state_tensors(model) -> list:
+    """The tensors a k-bit layer keeps beside its weight: 4-bit absmax, codes, nested state; 8-bit SCB."""
+    import torch
+
+    found: list = []
+
+    def collect(obj, depth=0) -> None:
+        if depth > 2 or obj is None:
+            return
+        for value in vars(obj).values():
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+            elif type(value).__name__ == "QuantState":
+                collect(value, depth + 1)
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            continue
+        if getattr(weight, "quant_state", None) is not None:
+            collect(weight.quant_state)
+        if isinstance(getattr(weight, "SCB", None), torch.Tensor):
+            found.append(weight.SCB)
+    return found

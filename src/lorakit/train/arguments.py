@@ -3,6 +3,7 @@ saving intervals, names checked) and the dataset wrapper around encoded features
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -10,6 +11,8 @@ import torch
 from ..config import LorakitConfig
 from ..errors import ConfigError
 from ..runs import RunPaths
+
+logger = logging.getLogger("lorakit.train")
 
 
 def _intervals(config: LorakitConfig, has_eval: bool) -> dict:
@@ -89,24 +92,36 @@ def build_training_args(
     )
 
 
-def check_optimizer(tc) -> None:
+def is_bnb_optimizer(name: str) -> bool:
+    """transformers' bitsandbytes optimizers: adamw_8bit, adamw_bnb_8bit, paged_adamw_8bit, lion_8bit, ..."""
+    return "8bit" in name or "bnb" in name or name.startswith("paged")
+
+
+def check_optimizer(tc, device: str | None = None) -> None:
     """Optimizer and scheduler names are checked at config load; what the device must offer is
     checked here, in the recipe's setup before any weights load.
 
     Raises:
-        ConfigError: a bitsandbytes optimizer without CUDA.
-        MissingExtraError: bitsandbytes is not installed.
+        MissingExtraError: a bitsandbytes optimizer, and bitsandbytes is not installed.
+        ConfigError: a bitsandbytes optimizer the installed bitsandbytes cannot run on the device
+            (the message names the version that can).
     """
-    if "8bit" in tc.optimizer or "bnb" in tc.optimizer or tc.optimizer.startswith("paged"):
-        # bitsandbytes optimizers: fail in setup with the fix, not in the Trainer with a traceback
-        from ..errors import require
+    if not is_bnb_optimizer(tc.optimizer):
+        return
+    # bitsandbytes optimizers: fail in setup with the fix, not in the Trainer with a traceback
+    from ..errors import require
+    from ..models import kbit
 
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"train.optimizer={tc.optimizer} is a bitsandbytes optimizer, which needs a CUDA GPU.",
-                hint="use train.optimizer=adamw_torch on the CPU",
-            )
-        require("bitsandbytes", "quant", f"train.optimizer={tc.optimizer}")
+    setting = f"train.optimizer={tc.optimizer}"
+    require("bitsandbytes", "quant", setting)
+    problem = kbit.why_not("optimizer", setting, device)
+    if problem is not None:
+        raise ConfigError(problem[0], hint=problem[1])
+    if kbit.device_type(device) != "cuda" and tc.optimizer.startswith("paged"):
+        logger.info(
+            f"{setting}: paging needs CUDA unified memory, so on {kbit.device_type(device)} bitsandbytes runs "
+            "the same optimizer unpaged (its states stay in ordinary memory)"
+        )
 
 
 class FeatureDataset(torch.utils.data.Dataset[dict[str, Any]]):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,7 @@ def train(
 ) -> RunPaths:
     """Train a LoRA adapter as configured and write the run folder; returns its paths.
 
-    With train.auto_fit the micro-batch, accumulation, checkpointing (and on GPUs 4-bit) are
+    With train.auto_fit the micro-batch, accumulation, checkpointing (and 4-bit, where bitsandbytes runs it) are
     first chosen to fit the device (lorakit plan --fit). An out-of-memory error before the first
     checkpoint halves the micro-batch and doubles the accumulation, then starts again. Progress
     is logged (logger "lorakit.train"); a live bar is drawn on a terminal.
@@ -67,7 +68,8 @@ def train(
         The run folder's paths (adapter, config.yaml, metrics.jsonl, checkpoints).
 
     Raises:
-        ConfigError: a setting the device cannot run (e.g. a bitsandbytes optimizer without CUDA).
+        ConfigError: a setting the device cannot run (e.g. a bitsandbytes optimizer that the installed
+            bitsandbytes cannot run there).
         DataError, TemplateError, ModelError: the data, template or model cannot be loaded or used.
         RunError: the run folder holds a finished run (without resume or train.overwrite), resume
             found no complete checkpoint or a changed config, or the loss became NaN/infinite.
@@ -117,7 +119,8 @@ def _train(
             asked of a finished run, with no complete checkpoint or with a changed config; a loss,
             gradient or weight became NaN/infinite. TrainingInterrupted after Ctrl-C or SIGTERM
             (checkpoint saved).
-        ConfigError: a bitsandbytes optimizer without CUDA (other config values are checked at load).
+        ConfigError: a bitsandbytes optimizer the installed bitsandbytes cannot run on this device
+            (other config values are checked at load).
         DataError, TemplateError, ModelError: from loading data, template and model.
     """
     from .distributed import is_main_process
@@ -171,8 +174,8 @@ def _run(
     resume = checkpoint is not None
     # setup: everything that can fail on user input fails here, before any weights load
     device = default_device()
-    check_quantization(config.model)
-    check_optimizer(tc)
+    check_quantization(config.model, device)
+    check_optimizer(tc, device)
     dtype, precision = choose_precision(config.model.precision, device)
     prepared = prepare(config)
     task_type, tokenizer, splits, template = prepared.task_type, prepared.tokenizer, prepared.splits, prepared.template
@@ -193,7 +196,7 @@ def _run(
         logger.info(f"validation data: {prepared.validation_stats.summary().splitlines()[0]}")
 
     set_seed(tc.seed)  # the LoRA initialisation is random too
-    model = load_base_model(config.model, task_type, dtype=dtype, device=None)
+    model = load_base_model(config.model, task_type, dtype=dtype, device=None, training=True)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model = apply_lora(model, config.lora, task_type, gradient_checkpointing=tc.gradient_checkpointing)  # type: ignore[assignment]  # the PeftModel wraps it
@@ -259,7 +262,9 @@ def _run(
     interrupt.install()
     try:
         try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            with warnings.catch_warnings():  # check_optimizer logged it once, in lorakit's words
+                warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except KeyboardInterrupt:  # a third Ctrl-C: quit at once, saving nothing
             saved = paths.latest_checkpoint()
             raise TrainingInterrupted(
