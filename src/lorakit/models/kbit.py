@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+from ..errors import LorakitError, require
+
 # The oldest bitsandbytes that runs each part on a device (what an error asks for).
 MIN_VERSION = {
     "cpu": {"quantization": "0.46", "optimizer": "0.50"},
@@ -74,18 +76,27 @@ def supports(part: str, device: str | None = None) -> bool:
     return probe(part, device_type(device)) is None
 
 
-def why_not(part: str, setting: str, device: str | None = None) -> tuple[str, str] | None:
-    """None when `part` runs on `device`, else (message, fix) for the error that `setting` (the
-    config value that needs it, e.g. "train.optimizer=paged_adamw_8bit") raises."""
+def ensure_runs(part: str, setting: str, device: str | None, error: type[LorakitError]) -> None:
+    """Return when bitsandbytes is installed and `part` runs on `device`, else raise.
+
+    `setting` is the config value that needs it (e.g. "train.optimizer=paged_adamw_8bit");
+    `error` is the class its owner raises (ModelError for quantization, ConfigError for the
+    optimizer). The message names the bitsandbytes version that can run it.
+
+    Raises:
+        MissingExtraError: bitsandbytes is not installed.
+        LorakitError: `error`, when the installed bitsandbytes cannot run `part` on the device.
+    """
+    require("bitsandbytes", "quant", setting)
     kind = device_type(device)
     reason = probe(part, kind)
     if reason is None:
-        return None
+        return
     needed = MIN_VERSION.get(kind, {}).get(part)
     version = f"bitsandbytes>={needed}" if needed else f"a bitsandbytes release with {kind} support"
     message = f"{setting} needs bitsandbytes' {WHAT[part]} on {kind}, which cannot run here: {reason}."
     alternative = "model.quantization=none" if part == "quantization" else "train.optimizer=adamw_torch"
-    return message, f"pip install '{version}' (lorakit[quant] installs it), or set {alternative}"
+    raise error(message, hint=f"pip install '{version}' (lorakit[quant] installs it), or set {alternative}")
 
 
 def compute_dtype(dtype: torch.dtype, device: str | None = None) -> torch.dtype:

@@ -164,11 +164,7 @@ def check_quantization(model_config: ModelConfig, device: str | None = None) -> 
         return
     from . import kbit
 
-    setting = f"model.quantization={model_config.quantization}"
-    require("bitsandbytes", "quant", setting)
-    problem = kbit.why_not("quantization", setting, device)
-    if problem is not None:
-        raise ModelError(problem[0], hint=problem[1])
+    kbit.ensure_runs("quantization", f"model.quantization={model_config.quantization}", device, ModelError)
 
 
 def load_base_model(

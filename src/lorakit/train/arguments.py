@@ -109,14 +109,10 @@ def check_optimizer(tc, device: str | None = None) -> None:
     if not is_bnb_optimizer(tc.optimizer):
         return
     # bitsandbytes optimizers: fail in setup with the fix, not in the Trainer with a traceback
-    from ..errors import require
     from ..models import kbit
 
     setting = f"train.optimizer={tc.optimizer}"
-    require("bitsandbytes", "quant", setting)
-    problem = kbit.why_not("optimizer", setting, device)
-    if problem is not None:
-        raise ConfigError(problem[0], hint=problem[1])
+    kbit.ensure_runs("optimizer", setting, device, ConfigError)
     if kbit.device_type(device) != "cuda" and tc.optimizer.startswith("paged"):
         logger.info(
             f"{setting}: paging needs CUDA unified memory, so on {kbit.device_type(device)} bitsandbytes runs "
