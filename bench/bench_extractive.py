@@ -29,19 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_generation import DATA, find_model  # the same data file and model lookup (bench/ is on sys.path)
+
 # CPU seconds of this process, not wall time: another job time-sharing the core does not count
 clock = time.process_time
-DATA = ROOT.parent / "shared" / "data" / "squad-v1.1-dev-part-a.json"
-
-
-def find_model(given: str | None) -> Path | None:
-    if given:
-        return Path(given)
-    from lorakit.demo.hubless import is_converted, model_dir
-
-    folder = model_dir()
-    return folder if is_converted(folder) else None
 
 
 class Timed:

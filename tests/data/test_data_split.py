@@ -15,20 +15,17 @@ from lorakit.errors import DataError
 FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 
 
+def qa(id, context, group):
+    """One QA example whose question is its id."""
+    messages = [{"role": "user", "content": f"q{id}"}, {"role": "assistant", "content": "a"}]
+    return Example(messages=messages, context=context, id=id, group=group)
+
+
 def passages(n_passages=40, per_passage=5):
     """QA examples grouped by passage, with passages of different sizes."""
-    examples = []
-    for p in range(n_passages):
-        for q in range(1 + p % per_passage):
-            examples.append(
-                Example(
-                    messages=[{"role": "user", "content": f"q{p}-{q}"}, {"role": "assistant", "content": "a"}],
-                    context=f"passage {p}",
-                    id=f"{p}-{q}",
-                    group=f"passage {p}",
-                )
-            )
-    return examples
+    return [
+        qa(f"{p}-{q}", f"passage {p}", f"passage {p}") for p in range(n_passages) for q in range(1 + p % per_passage)
+    ]
 
 
 def ids(examples):
@@ -84,14 +81,7 @@ def articles(sizes, per_passage=5):
     for a, size in enumerate(sizes):
         for q in range(size):
             p = q // per_passage
-            examples.append(
-                Example(
-                    messages=[{"role": "user", "content": f"q{a}-{q}"}, {"role": "assistant", "content": "a"}],
-                    context=f"article {a} passage {p}",
-                    id=f"{a}-{q}",
-                    group=f"article {a}",
-                )
-            )
+            examples.append(qa(f"{a}-{q}", f"article {a} passage {p}", f"article {a}"))
     return examples
 
 
