@@ -147,6 +147,12 @@ def test_eval_on_a_data_file_and_a_merged_folder(trained, tmp_path):
     )
     adapter = evaluate_path(trained, data=str(data), max_examples=2, out_dir=tmp_path / "a", verbose=False)
     assert adapter["n"] == 2 and adapter["base"] is None
+    assert adapter["adapter"]["perplexity"] > 1
+    quick = evaluate_path(
+        trained, data=str(data), max_examples=2, out_dir=tmp_path / "q", perplexity=False, verbose=False
+    )  # the same answers, without the second forward pass
+    assert "perplexity" not in quick["adapter"] and quick["adapter"]["f1"] == adapter["adapter"]["f1"]
+    assert (tmp_path / "q" / "report.md").is_file()
     merged = merge_run(trained, tmp_path / "merged")
     assert merged.passed
     via_merged = evaluate_path(

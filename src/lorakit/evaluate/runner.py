@@ -158,6 +158,7 @@ def evaluate_path(
     out_dir: str | os.PathLike[str] | None = None,
     device: str | None = None,
     extractive: bool | None = None,
+    perplexity: bool = True,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a run (or merged) folder: generate answers with its stored template, score them,
@@ -176,6 +177,8 @@ def evaluate_path(
         out_dir: write exactly this (new or empty) folder instead of <run>/eval/<label>-<time>/.
         device: "cpu", "cuda", ...; default: the best available.
         extractive: keep answers inside spans of their passage, or not (None: the run's setting).
+        perplexity: also score the reference answers' perplexity (a second forward pass over every
+            prompt: on a CPU about as long as generating short answers).
         verbose: log the summary lines (logger "lorakit.evaluate", level INFO).
 
     Returns:
@@ -220,7 +223,11 @@ def evaluate_path(
         extractive=predictor.extractive_for(extractive),
     )
     scoring: dict[str, Any] = dict(
-        decoding=decoding, no_answer=no_answer, bleu_tokenize=eval_config.bleu_tokenize, lang=eval_config.lang
+        decoding=decoding,
+        no_answer=no_answer,
+        bleu_tokenize=eval_config.bleu_tokenize,
+        lang=eval_config.lang,
+        perplexity=perplexity,
     )
     records, metrics = score_examples(predictor, examples, **scoring)
     base_records = base_metrics = None

@@ -3,8 +3,8 @@
 Causal models are fed left-padded batches (so every row's next token sits in the last column),
 sorted by length to waste little compute on padding. Greedy prompts that share a long start
 (several questions on one passage) have it encoded once per batch and its cache reused
-(prefix_cache.py). A row is finished by EOS or by one of the template's stop strings; the batch
-ends when every row is finished.
+(prefix_cache.py). A row is finished by EOS or by one of the template's stop strings; greedy
+causal batches drop their finished rows as they go (greedy.py), the others end when every row has.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from .extractive import spans_processor as _spans
+from .greedy import greedy_decode, plain_greedy
 from .prefix_cache import PrefixGroup, can_share_prefixes, encode_prefixes, group_by_prefix, prefix_batches
 
 if TYPE_CHECKING:  # annotations only, no import cost
@@ -255,8 +256,11 @@ def generate_batched(
         criteria = StoppingCriteriaList([stopper] if stopper.stop_strings else [])
         if cancelled is not None:
             criteria.append(_RowsCancelled(cancelled, chunk))
-        cache = {"past_key_values": past} if past is not None else {}
         spans = _spans(tokenizer, [passages[i] for i in chunk], no_answer, eos_ids) if passages else {}
+        if task_type != "seq2seq" and plain_greedy(config):
+            store(chunk, _greedy(chunk, input_ids, mask, past, stopper, spans), stopper)
+            return
+        cache = {"past_key_values": past} if past is not None else {}
         # mypy sees generate through nn.Module.__getattr__ (a Tensor) in transformers' stubs
         output = model.generate(  # type: ignore[operator]
             input_ids=input_ids,
@@ -268,10 +272,38 @@ def generate_batched(
         )
         # causal output repeats the prompt; seq2seq output starts with the decoder start token
         new = output[:, input_ids.shape[1] :] if task_type != "seq2seq" else output[:, 1:]
+        store(chunk, new.tolist(), stopper)
+
+    def _greedy(chunk, input_ids, mask, past, stopper: StopOnStrings, spans) -> list[list[int]]:
+        """The batch through inference.greedy: finished rows stop costing decoding steps."""
+
+        def row_done(row: int, tokens: list[int]) -> bool:
+            if cancelled is not None and cancelled(chunk[row]):
+                return True
+            if stopper.stop_strings:
+                tail = tokenizer.decode(tokens[-stopper.window :], skip_special_tokens=False)
+                if any(s in tail for s in stopper.stop_strings):
+                    stopper.stopped_at[row] = len(tokens)
+                    return True
+            return False
+
+        return greedy_decode(
+            model,
+            input_ids,
+            mask,
+            max_new_tokens=max_new_tokens,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            past=past,
+            processors=list(spans.get("logits_processor", [])),
+            row_done=row_done,
+        )
+
+    def store(chunk: list[int], new: list[list[int]], stopper: StopOnStrings) -> None:
         for j, index in enumerate(chunk):
             results[index] = _finish(
                 tokenizer,
-                new[j].tolist(),
+                new[j],
                 prompt_tokens=len(encoded[index]),
                 eos_ids=eos_ids,
                 stopped_at=stopper.stopped_at.get(j),

@@ -271,6 +271,10 @@ class ExtractiveSpans(LogitsProcessor):
         self.rows = [None if p is None else _Row(vocab.segments(p) + tail, eos, spaces) for p in passages]
         self.steps = 0
 
+    def keep_rows(self, indices: Sequence[int]) -> None:
+        """Only these batch rows remain (inference.greedy drops finished rows)."""
+        self.rows = [self.rows[i] for i in indices]
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.steps:
             last = input_ids[:, -1].tolist()

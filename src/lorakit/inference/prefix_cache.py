@@ -162,7 +162,31 @@ def _preallocated_layer_class() -> Any:
             self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
             return self.keys, self.values
 
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            """Keep only these rows (finished rows leaving the batch), room included."""
+            if self.key_buffer is None:
+                return super().batch_select_indices(indices)
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys = self.key_buffer[:, :, : self.length]
+            self.values = self.value_buffer[:, :, : self.length]
+
     return PreallocatedLayer
+
+
+def preallocate(cache: Any, capacity: int) -> Any:
+    """The cache with each plain layer turned into one with room for `capacity` tokens in all, or
+    None when it is not a plain per-token cache (sliding windows, recurrent state) and must be left
+    to the model."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    preallocated = _preallocated_layer_class()
+    layers: list[Any] = list(cache.layers) if isinstance(cache, DynamicCache) else []
+    if not layers or any(type(layer) not in (DynamicLayer, preallocated) for layer in layers):
+        return None
+    cache.layers = [
+        layer if type(layer) is preallocated else preallocated(layer.keys, layer.values, capacity) for layer in layers
+    ]
+    return cache
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,12 +226,8 @@ def encode_prefixes(
     suffixes = [encoded[i][batch.groups[g].length :] for i, g in zip(batch.rows, batch.row_group)]
     suffix_ids, suffix_mask = _left_pad(suffixes, pad_id, device)
     select = torch.tensor(batch.row_group, device=device)
-    capacity = prefix_ids.shape[1] + suffix_ids.shape[1] + max_new_tokens
-    preallocated = _preallocated_layer_class()
-    cache.layers = [
-        preallocated(layer.keys.index_select(0, select), layer.values.index_select(0, select), capacity)
-        for layer in layers
-    ]
+    cache.batch_select_indices(select)  # each row gets its group's prefix
+    cache = preallocate(cache, prefix_ids.shape[1] + suffix_ids.shape[1] + max_new_tokens)
     input_ids = torch.cat([prefix_ids[select], suffix_ids], dim=1)
     mask = torch.cat([prefix_mask[select], suffix_mask], dim=1)
     return input_ids, mask, cache
