@@ -6,7 +6,8 @@ Prints EM/F1, the never-stops rate, useful training tokens/s, the share of super
 are answer tokens, and wall times, next to the baseline measured for the same work
 (shared/data/README.md, "The bar to clear").
 
-    .venv/bin/python bench/squad_smollm2.py [--train 1000] [--test 300] [--epochs 1] [--out runs/bench]
+    .venv/bin/python bench/squad_smollm2.py [--recipe study|previous] [--train 1000] [--test 300]
+        [--epochs 1] [--out runs/bench] [--set KEY=VALUE ...]
 
 Takes 20-40 minutes on a 2-core CPU. Skips with a message when the data file is absent.
 """
@@ -114,6 +115,14 @@ def bench_config(model_dir: Path, train_path: Path, test_path: Path, out: Path, 
     )
 
 
+# The QA recipe chosen on validation articles (docs/recipes.md; bench/recipe_study.py), as overrides
+# of bench_config, which holds lorakit's previous defaults for this bench (`--recipe previous`).
+RECIPES: dict[str, list[str]] = {
+    "previous": [],
+    "study": ["train.learning_rate=1e-3", "lora.target_modules=all-linear"],
+}
+
+
 def token_stats(config) -> dict:
     """What the training features supervise, encoded exactly as train() encodes them."""
     from lorakit.pipeline import prepare
@@ -136,6 +145,12 @@ def main() -> int:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="study",
+        help="study: the recipe of docs/recipes.md (default); previous: lorakit's earlier defaults",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -156,11 +171,12 @@ def main() -> int:
     model_dir = ensure_smollm2()
     train_path, test_path = write_subsets(args.train, args.test, out / "data")
     config = bench_config(model_dir, train_path, test_path, out, args.epochs)
-    if args.set:
+    overrides = RECIPES[args.recipe] + args.set
+    if overrides:
         from lorakit.config_loading import _set_dotted, parse_overrides, validate_config
 
         tree = config.model_dump(mode="json")
-        for key, value in parse_overrides(args.set):
+        for key, value in parse_overrides(overrides):
             _set_dotted(tree, key, value)
         config = validate_config(tree, "--set")
     tokens = token_stats(config)
@@ -170,7 +186,7 @@ def main() -> int:
     train_s = time.perf_counter() - phase
     # the work done, counted as unpacked tokens: with packing a shared passage is computed once,
     # and the Trainer's tokens_seen counts only what was computed
-    seen = tokens["tokens"] * args.epochs
+    seen = tokens["tokens"] * config.train.epochs
 
     phase = time.perf_counter()
     summary = evaluate_path(paths.root, split="test", compare_base=True, verbose=False)
