@@ -177,9 +177,7 @@ def evaluate_path(
         out_dir: write exactly this (new or empty) folder instead of <run>/eval/<label>-<time>/.
         device: "cpu", "cuda", ...; default: the best available.
         extractive: keep answers inside spans of their passage, or not (None: the run's setting).
-        perplexity: also score the reference answers' perplexity (a second forward pass over every
-            prompt: on a CPU about as long as generating short answers).
-        verbose: log the summary lines (logger "lorakit.evaluate", level INFO).
+        perplexity: also score the references' perplexity. verbose: log a summary ("lorakit.evaluate").
 
     Returns:
         What metrics.json holds ("n", "adapter" metrics, "base" with compare_base...), + "folder".
@@ -222,13 +220,8 @@ def evaluate_path(
         seed=config.train.seed if config is not None else 0,
         extractive=predictor.extractive_for(extractive),
     )
-    scoring: dict[str, Any] = dict(
-        decoding=decoding,
-        no_answer=no_answer,
-        bleu_tokenize=eval_config.bleu_tokenize,
-        lang=eval_config.lang,
-        perplexity=perplexity,
-    )
+    scoring: dict[str, Any] = dict(decoding=decoding, no_answer=no_answer, lang=eval_config.lang)
+    scoring.update(perplexity=perplexity, bleu_tokenize=eval_config.bleu_tokenize)
     records, metrics = score_examples(predictor, examples, **scoring)
     base_records = base_metrics = None
     if compare_base:

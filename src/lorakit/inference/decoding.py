@@ -21,6 +21,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from .extractive import spans_processor as _spans
 from .greedy import greedy_decode, plain_greedy
 from .prefix_cache import PrefixGroup, can_share_prefixes, encode_prefixes, group_by_prefix, prefix_batches
+from .stopping import StopOnStrings, _Cancelled, _RowsCancelled
 
 if TYPE_CHECKING:  # annotations only, no import cost
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -93,60 +94,6 @@ def _batch_tensors(rows: list[list[int]], pad_id: int, left: bool, device) -> tu
             ids.append(row + [pad_id] * fill)
             mask.append([1] * len(row) + [0] * fill)
     return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
-
-
-# --- stopping ------------------------------------------------------------------------------------
-
-
-class StopOnStrings(StoppingCriteria):
-    """Marks a row finished once its newly generated text contains one of the stop strings.
-
-    Only the tail of each row's generated tokens is decoded (enough tokens to spell the longest
-    stop string), so the cost per step stays small whatever the length generated so far.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str], prompt_width: int):
-        self.tokenizer = tokenizer
-        self.stop_strings = [s for s in stop_strings if s]
-        self.prompt_width = prompt_width
-        self.stopped_at: dict[int, int] = {}  # row -> generated length when its stop string appeared
-        # a token spells at least one byte, so this many tokens always cover the longest string
-        self.window = max((len(s.encode("utf-8")) for s in self.stop_strings), default=0) + 1
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.Tensor:
-        generated = input_ids[:, self.prompt_width :]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if not self.stop_strings or generated.shape[1] == 0:
-            return done
-        tails = self.tokenizer.batch_decode(generated[:, -self.window :], skip_special_tokens=False)
-        for row, tail in enumerate(tails):
-            if row in self.stopped_at:
-                done[row] = True
-            elif any(s in tail for s in self.stop_strings):
-                self.stopped_at[row] = generated.shape[1]
-                done[row] = True
-        return done
-
-
-class _Cancelled(StoppingCriteria):
-    """Ends a streamed generation when its reader has gone away."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _RowsCancelled(StoppingCriteria):
-    """Ends the rows whose caller has gone: cancelled(prompt index) is asked between decoding steps."""
-
-    def __init__(self, cancelled: Callable[[int], bool], indices: Sequence[int]):
-        self.cancelled = cancelled
-        self.indices = list(indices)  # batch row -> index in the caller's prompt list
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.Tensor:
-        return torch.tensor([bool(self.cancelled(i)) for i in self.indices], dtype=torch.bool, device=input_ids.device)
 
 
 def _generation_config(model, *, max_new_tokens, temperature, top_p, pad_id, eos_ids):
