@@ -200,13 +200,13 @@ def generate_batched(
         """Generate one batch (prompt indices `chunk`) and store its rows' Generations."""
         width = 1 if task_type == "seq2seq" else input_ids.shape[1]
         stopper = StopOnStrings(tokenizer, stop_strings, width)
-        criteria = StoppingCriteriaList([stopper] if stopper.stop_strings else [])
-        if cancelled is not None:
-            criteria.append(_RowsCancelled(cancelled, chunk))
         spans = _spans(tokenizer, [passages[i] for i in chunk], no_answer, eos_ids) if passages else {}
         if task_type != "seq2seq" and plain_greedy(config):
             store(chunk, _greedy(chunk, input_ids, mask, past, stopper, spans), stopper)
             return
+        criteria = StoppingCriteriaList([stopper] if stopper.stop_strings else [])
+        if cancelled is not None:
+            criteria.append(_RowsCancelled(cancelled, chunk))
         cache = {"past_key_values": past} if past is not None else {}
         # mypy sees generate through nn.Module.__getattr__ (a Tensor) in transformers' stubs
         output = model.generate(  # type: ignore[operator]
@@ -225,14 +225,7 @@ def generate_batched(
         """The batch through inference.greedy: finished rows stop costing decoding steps."""
 
         def row_done(row: int, tokens: list[int]) -> bool:
-            if cancelled is not None and cancelled(chunk[row]):
-                return True
-            if stopper.stop_strings:
-                tail = tokenizer.decode(tokens[-stopper.window :], skip_special_tokens=False)
-                if any(s in tail for s in stopper.stop_strings):
-                    stopper.stopped_at[row] = len(tokens)
-                    return True
-            return False
+            return (cancelled is not None and cancelled(chunk[row])) or stopper.row_stops(row, tokens)
 
         return greedy_decode(
             model,

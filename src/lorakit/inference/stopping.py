@@ -33,14 +33,19 @@ class StopOnStrings(StoppingCriteria):
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         if not self.stop_strings or generated.shape[1] == 0:
             return done
-        tails = self.tokenizer.batch_decode(generated[:, -self.window :], skip_special_tokens=False)
-        for row, tail in enumerate(tails):
-            if row in self.stopped_at:
-                done[row] = True
-            elif any(s in tail for s in self.stop_strings):
-                self.stopped_at[row] = generated.shape[1]
-                done[row] = True
+        for row, tokens in enumerate(generated.tolist()):
+            done[row] = row in self.stopped_at or self.row_stops(row, tokens)
         return done
+
+    def row_stops(self, row: int, tokens: Sequence[int]) -> bool:
+        """Whether a stop string is in the tail of this row's new tokens (and when, in stopped_at)."""
+        if not self.stop_strings:
+            return False
+        tail = self.tokenizer.decode(list(tokens[-self.window :]), skip_special_tokens=False)
+        if any(s in tail for s in self.stop_strings):
+            self.stopped_at[row] = len(tokens)
+            return True
+        return False
 
 
 class _Cancelled(StoppingCriteria):
