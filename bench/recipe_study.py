@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from squad_smollm2 import DATA, ROOT, bench_config, write_subsets  # noqa: E402
+from squad_smollm2 import DATA, ROOT, as_articles, bench_config, write_subsets  # noqa: E402
 
 
 def write_validation(test_path: Path, n: int, out: Path) -> Path:
@@ -39,14 +39,9 @@ def write_validation(test_path: Path, n: int, out: Path) -> Path:
         if qa["id"] not in test_ids
     ]
     step = max(1, len(pool) // n)
-    articles: dict[str, dict] = {}
-    for title, context, qa in pool[step // 2 :: step][:n]:
-        article = articles.setdefault(title, {"title": title, "paragraphs": []})
-        if not article["paragraphs"] or article["paragraphs"][-1]["context"] != context:
-            article["paragraphs"].append({"context": context, "qas": []})
-        article["paragraphs"][-1]["qas"].append(qa)
     path = out / "squad-validation.json"
-    path.write_text(json.dumps({"version": "1.1", "data": list(articles.values())}), encoding="utf-8")
+    articles = as_articles(pool[step // 2 :: step][:n])
+    path.write_text(json.dumps({"version": "1.1", "data": articles}), encoding="utf-8")
     return path
 
 

@@ -38,6 +38,17 @@ BASELINE = {
 }
 
 
+def as_articles(questions: list[tuple[str, str, dict]]) -> list[dict]:
+    """(title, context, qa) triples, in order, as official SQuAD articles and paragraphs."""
+    articles: dict[str, dict] = {}
+    for title, context, qa in questions:
+        article = articles.setdefault(title, {"title": title, "paragraphs": []})
+        if not article["paragraphs"] or article["paragraphs"][-1]["context"] != context:
+            article["paragraphs"].append({"context": context, "qas": []})
+        article["paragraphs"][-1]["qas"].append(qa)
+    return list(articles.values())
+
+
 def write_subsets(n_train: int, n_test: int, out: Path) -> tuple[Path, Path]:
     """Train = the first n_train questions in file order; test = n_test questions spread evenly
     over the articles that contributed no training question. Both as official SQuAD JSON."""
@@ -58,15 +69,10 @@ def write_subsets(n_train: int, n_test: int, out: Path) -> tuple[Path, Path]:
     pool = [(a["title"], p["context"], qa) for a in held for p in a["paragraphs"] for qa in p["qas"]]
     step = max(1, len(pool) // n_test)
     chosen = pool[::step][:n_test]
-    test_articles: dict[str, dict] = {}
-    for title, context, qa in chosen:
-        article = test_articles.setdefault(title, {"title": title, "paragraphs": []})
-        if not article["paragraphs"] or article["paragraphs"][-1]["context"] != context:
-            article["paragraphs"].append({"context": context, "qas": []})
-        article["paragraphs"][-1]["qas"].append(qa)
+    test_articles = as_articles(chosen)
     out.mkdir(parents=True, exist_ok=True)
     train_path, test_path = out / "squad-train.json", out / "squad-test.json"
-    for path, articles in ((train_path, train_articles), (test_path, list(test_articles.values()))):
+    for path, articles in ((train_path, train_articles), (test_path, test_articles)):
         path.write_text(json.dumps({"version": "1.1", "data": articles}), encoding="utf-8")
     print(
         f"train: {count} questions from {len(train_articles)} articles; "
