@@ -7,14 +7,20 @@ are answer tokens, and wall times, next to the baseline measured for the same wo
 (shared/data/README.md, "The bar to clear").
 
     .venv/bin/python bench/squad_smollm2.py [--recipe study|previous] [--train 1000] [--test 300]
-        [--epochs 1] [--out runs/bench] [--set KEY=VALUE ...]
+        [--epochs 1] [--out runs/bench] [--set KEY=VALUE ...] [--rows lorakit,trl] [--trl-python PATH]
 
 Takes 20-40 minutes on a 2-core CPU. Skips with a message when the data file is absent.
+
+--rows trl adds TRL's SFTTrainer (bench/trl_squad.py, run by --trl-python, an environment of its
+own) trained on the same questions rendered with the same template, its answers scored by the
+same metrics. Each row's result is kept in OUT/rows/<row>.json; every row found there for the
+same split is printed, so rows can run as separate processes (one per core) and meet in one table.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -144,6 +150,121 @@ def token_stats(config) -> dict:
     }
 
 
+def write_trl_inputs(config, folder: Path) -> tuple[Path, Path, list]:
+    """The training questions as TRL prompt-completion text (lorakit's rendering of each prompt,
+    the answer as completion: the text lorakit trains on) and the test prompts, rendered the same way."""
+    from lorakit.pipeline import prepare
+    from lorakit.prompting.encoding import encode_prompt
+
+    prepared = prepare(config)
+    tokenizer, pairs = prepared.tokenizer, []
+    for feature in prepared.train_features:
+        ids, labels = feature["input_ids"], feature["labels"]
+        first = next(i for i, label in enumerate(labels) if label != -100)
+        answer = [t for t in ids[first:] if t != tokenizer.eos_token_id]  # TRL appends its own EOS
+        pairs.append({"prompt": tokenizer.decode(ids[:first]), "completion": tokenizer.decode(answer)})
+    test = prepared.splits.test
+    prompts = [
+        {
+            "id": ex.id,
+            "prompt": tokenizer.decode(encode_prompt(prepared.template, tokenizer, ex.prompt_messages(), ex.context)),
+        }
+        for ex in test
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs_path, prompts_path = folder / "pairs.jsonl", folder / "prompts.jsonl"
+    pairs_path.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    prompts_path.write_text("".join(json.dumps(p) + "\n" for p in prompts), encoding="utf-8")
+    return pairs_path, prompts_path, test
+
+
+def trl_row(python: str, config, model_dir: Path, out: Path) -> dict:
+    """Train and answer with TRL in its own environment; score its answers as lorakit's are scored."""
+    import subprocess
+
+    from lorakit.evaluate.answers import extract_answer
+    from lorakit.evaluate.metrics import corpus_metrics
+
+    folder = out / "trl"
+    pairs, prompts, test = write_trl_inputs(config, folder)
+    script = Path(__file__).resolve().parent / "trl_squad.py"
+    command = [python, str(script), "--model", str(model_dir), "--pairs", str(pairs), "--prompts", str(prompts)]
+    subprocess.run(command + ["--out", str(folder), "--epochs", str(config.train.epochs)], check=True)
+    row = json.loads((folder / "trl_row.json").read_text())
+    answers = {p["id"]: p for p in map(json.loads, (folder / "predictions.jsonl").read_text().splitlines())}
+    generated = [answers[ex.id] for ex in test]
+    scores = corpus_metrics(
+        [extract_answer(g["text"]) for g in generated],
+        [ex.answers for ex in test],
+        finish_reasons=["stop" if g["stopped"] else "length" for g in generated],
+    )
+    return {
+        "after_em": scores["exact_match"],
+        "after_f1": scores["f1"],
+        "never_stops": scores["never_stops_rate"],
+        "train_min": row["train_s"] / 60,
+        "eval_s_per_question": row["eval_s"] / len(test),
+        "settings": row["settings"],
+        "versions": row["versions"],
+    }
+
+
+def lorakit_row(config) -> dict:
+    """Train with lorakit, then evaluate base and adapter on the test questions."""
+    from lorakit.evaluate.runner import evaluate_path
+    from lorakit.train.recipe import train
+
+    tokens = token_stats(config)
+    phase = time.perf_counter()
+    paths = train(config)
+    train_s = time.perf_counter() - phase
+    # the work done, counted as unpacked tokens: with packing a shared passage is computed once,
+    # and the Trainer's tokens_seen counts only what was computed
+    seen = tokens["tokens"] * config.train.epochs
+    phase = time.perf_counter()
+    summary = evaluate_path(paths.root, split="test", compare_base=True, verbose=False)
+    eval_s = time.perf_counter() - phase
+    before, after, n = summary["base"], summary["adapter"], summary["n"]
+    print(f"report: {Path(summary['folder']) / 'report.md'}", flush=True)
+    return {
+        "before_em": before["exact_match"],
+        "before_f1": before["f1"],
+        "after_em": after["exact_match"],
+        "after_f1": after["f1"],
+        "never_stops": after["never_stops_rate"],
+        "train_min": train_s / 60,
+        "eval_s_per_question": eval_s / (2 * n),  # two passes: base, then adapter
+        "useful_tokens_per_s": seen / train_s,
+        "answer_token_share": tokens["answer_share"],
+        "supervised_share": tokens["supervised_share"],
+    }
+
+
+TABLE = [
+    ("EM before", "before_em", "{:.1f}"),
+    ("F1 before", "before_f1", "{:.1f}"),
+    ("EM after", "after_em", "{:.1f}"),
+    ("F1 after", "after_f1", "{:.1f}"),
+    ("never emit EOS (after), %", "never_stops", "{:.1f}"),
+    ("training time, min", "train_min", "{:.1f}"),
+    ("eval, s per question", "eval_s_per_question", "{:.2f}"),
+    ("useful training tokens/s", "useful_tokens_per_s", "{:.0f}"),
+    ("supervised tokens that are answer tokens, %", "answer_token_share", "{:.1f}"),
+]
+
+
+def print_table(rows: dict[str, dict], n: int) -> None:
+    columns = {"notebook (recorded)": BASELINE} | rows
+    print(f"\nSQuAD v1.1 (dev part A), SmolLM2-135M-Instruct, {n} held-out questions, CPU float32")
+    print(f"{'':44s}" + "".join(f" {name:>20s}" for name in columns))
+    for label, key, fmt in TABLE:
+        cells = [fmt.format(c[key]) if c.get(key) is not None else "-" for c in columns.values()]
+        print(f"{label:44s}" + "".join(f" {cell:>20s}" for cell in cells))
+    for name, row in rows.items():
+        if "settings" in row:
+            print(f"{name}: {row['settings']}; {row.get('versions', '')}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=1000)
@@ -163,19 +284,24 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="override a config value, as `lorakit train --set` (e.g. train.packing=off)",
     )
+    parser.add_argument("--rows", default="lorakit", help="comma-separated: lorakit, trl")
+    parser.add_argument("--trl-python", default=None, help="the python of TRL's environment (for --rows trl)")
     args = parser.parse_args()
     if not DATA.is_file():
         print(f"skipped: {DATA} is absent (this benchmark reads the shared SQuAD v1.1 dev part A).")
         return 0
+    wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if "trl" in wanted and not (args.trl_python and Path(args.trl_python).is_file()):
+        print("skipped the trl row: pass --trl-python PATH (see bench/trl_squad.py for its environment)")
+        wanted.remove("trl")
 
     from lorakit.demo.hubless import ensure_smollm2
-    from lorakit.evaluate.runner import evaluate_path
-    from lorakit.train.recipe import train
 
     out = Path(args.out)
     started = time.perf_counter()
     model_dir = ensure_smollm2()
     train_path, test_path = write_subsets(args.train, args.test, out / "data")
+    split_id = hashlib.sha256(train_path.read_bytes() + test_path.read_bytes()).hexdigest()[:16]
     config = bench_config(model_dir, train_path, test_path, out, args.epochs)
     overrides = RECIPES[args.recipe] + args.set
     if overrides:
@@ -185,55 +311,23 @@ def main() -> int:
         for key, value in parse_overrides(overrides):
             _set_dotted(tree, key, value)
         config = validate_config(tree, "--set")
-    tokens = token_stats(config)
 
-    phase = time.perf_counter()
-    paths = train(config)
-    train_s = time.perf_counter() - phase
-    # the work done, counted as unpacked tokens: with packing a shared passage is computed once,
-    # and the Trainer's tokens_seen counts only what was computed
-    seen = tokens["tokens"] * config.train.epochs
+    folder = out / "rows"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in wanted:
+        label = f"lorakit {args.recipe}" if name == "lorakit" else "TRL SFTTrainer"
+        print(f"\n== {label} ==", flush=True)
+        row = lorakit_row(config) if name == "lorakit" else trl_row(args.trl_python, config, model_dir, out)
+        row |= {"split": split_id, "overrides": overrides, "epochs": args.epochs}
+        (folder / f"{label.replace(' ', '-')}.json").write_text(json.dumps(row, indent=2))
 
-    phase = time.perf_counter()
-    summary = evaluate_path(paths.root, split="test", compare_base=True, verbose=False)
-    eval_s = time.perf_counter() - phase
-    before, after, n = summary["base"], summary["adapter"], summary["n"]
-    measured = {
-        "before_em": before["exact_match"],
-        "before_f1": before["f1"],
-        "after_em": after["exact_match"],
-        "after_f1": after["f1"],
-        "never_stops": after["never_stops_rate"],
-        "train_min": train_s / 60,
-        "eval_s_per_question": eval_s / (2 * n),  # two passes: base, then adapter
-        "useful_tokens_per_s": seen / train_s,
-        "answer_token_share": tokens["answer_share"],
-    }
-    rows = [
-        ("EM before", "before_em", "{:.1f}"),
-        ("F1 before", "before_f1", "{:.1f}"),
-        ("EM after", "after_em", "{:.1f}"),
-        ("F1 after", "after_f1", "{:.1f}"),
-        ("never emit EOS (after), %", "never_stops", "{:.1f}"),
-        ("training time, min", "train_min", "{:.1f}"),
-        ("eval, s per question", "eval_s_per_question", "{:.2f}"),
-        ("useful training tokens/s", "useful_tokens_per_s", "{:.0f}"),
-        ("supervised tokens that are answer tokens, %", "answer_token_share", "{:.1f}"),
-    ]
-    print(f"\nSQuAD v1.1 (dev part A), SmolLM2-135M-Instruct, {n} held-out questions, CPU float32")
-    print(f"{'':44s} {'notebook baseline':>18s} {'lorakit':>10s}")
-    for label, key, fmt in rows:
-        print(f"{label:44s} {fmt.format(BASELINE[key]):>18s} {fmt.format(measured[key]):>10s}")
-    print(
-        f"\nF1 after: {measured['after_f1'] - BASELINE['after_f1']:+.1f} points vs baseline; "
-        f"training {BASELINE['train_min'] / measured['train_min']:.1f}x faster; "
-        f"evaluation {BASELINE['eval_s_per_question'] / measured['eval_s_per_question']:.1f}x faster per question"
-    )
-    print(f"supervised tokens: {tokens['supervised_share']:.1f}% of all training tokens (answers + EOS)")
-    print(
-        f"total wall time {(time.perf_counter() - started) / 60:.1f} min; report: {Path(summary['folder']) / 'report.md'}"
-    )
-    (out / "bench_result.json").write_text(json.dumps({"measured": measured, "baseline": BASELINE}, indent=2))
+    rows = {}
+    for path in sorted(folder.glob("*.json")):
+        row = json.loads(path.read_text())
+        if row.get("split") == split_id:
+            rows[path.stem.replace("-", " ")] = row
+    print_table(rows, args.test)
+    print(f"total wall time {(time.perf_counter() - started) / 60:.1f} min; rows kept in {folder}")
     return 0
 
 
