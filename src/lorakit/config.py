@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from typing import Any, Literal
 
 import yaml
@@ -113,8 +114,9 @@ class LoraConfig(Section):
     )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: Literal["auto", "all-linear"] | list[str] = Field(
-        "auto",
-        description="auto: the family's attention projections (q_proj/v_proj, q/v for T5); all-linear; or a list.",
+        "all-linear",
+        description="all-linear: every linear layer of the blocks (the default: docs/recipes.md); auto: the "
+        "family's attention projections only (q_proj/v_proj, q/v for T5); or a list of module names.",
     )
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
@@ -128,7 +130,11 @@ class TrainConfig(Section):
     max_steps: int = Field(-1, description="Optimizer steps; -1 means use epochs.")
     micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    learning_rate: float | Literal["auto"] = Field(
+        "auto",
+        description="Peak learning rate. auto: 2e-4 at hidden size 4096 (7B models), times 4096 / hidden size "
+        "for other widths (1.4e-3 for a 135M model), within [5e-5, 2e-3]; the run log says what it chose.",
+    )
     lr_scheduler: str = Field("cosine", description="transformers scheduler name: cosine, linear, constant, ...")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -186,6 +192,20 @@ class TrainConfig(Section):
     @classmethod
     def _known_to_transformers(cls, value: str, info: ValidationInfo) -> str:
         return _check_transformers_name(str(info.field_name), value)  # set in every field validator
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _positive_rate(cls, value: Any) -> Any:
+        # before the union is tried: one clear problem instead of one per member of the union
+        if value == "auto":
+            return value
+        try:
+            rate = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be a number greater than 0, or auto (got {value!r})") from None
+        if not math.isfinite(rate) or rate <= 0:
+            raise ValueError(f"must be a finite number greater than 0, or auto (got {value!r})")
+        return rate
 
     @field_validator("packing", mode="before")
     @classmethod

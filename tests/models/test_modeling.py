@@ -92,15 +92,29 @@ def test_kbit_loading_on_this_device(tiny_llama_dir, quantization, layer):
 
 def test_apply_lora_auto_targets_per_family(tiny_llama_dir, tiny_t5_dir):
     llama = modeling.load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), "causal")
-    peft_model = lora.apply_lora(llama, LoraConfig(r=4, alpha=8), "causal")
+    peft_model = lora.apply_lora(llama, LoraConfig(r=4, alpha=8, target_modules="auto"), "causal")
     assert sorted(peft_model.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert lora.trainable_summary(peft_model).startswith("trainable ")
 
     t5 = modeling.load_base_model(ModelConfig(name_or_path=str(tiny_t5_dir)), "seq2seq")
-    peft_t5 = lora.apply_lora(t5, LoraConfig(r=4), "seq2seq")
+    peft_t5 = lora.apply_lora(t5, LoraConfig(r=4, target_modules="auto"), "seq2seq")
     assert sorted(peft_t5.peft_config["default"].target_modules) == ["q", "v"]
+
+
+def test_default_targets_are_every_linear_layer_of_the_blocks(tiny_llama_dir, tiny_t5_dir):
+    # docs/recipes.md: all-linear beat attention-only on held-out SQuAD articles
+    llama = modeling.load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), "causal")
+    wrapped = lora.apply_lora(llama, LoraConfig(r=4), "causal")
+    adapted = {n.split(".")[-4] for n, _ in wrapped.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any("lm_head" in n and "lora_" in n for n, _ in wrapped.named_parameters())
+    t5 = modeling.load_base_model(ModelConfig(name_or_path=str(tiny_t5_dir)), "seq2seq")
+    adapted_t5 = {
+        n.split(".")[-4] for n, _ in lora.apply_lora(t5, LoraConfig(r=4), "seq2seq").named_parameters() if "lora_A" in n
+    }
+    assert {"q", "k", "v", "o"} <= adapted_t5 and adapted_t5 & {"wi", "wi_0", "wi_1", "wo"}
 
 
 def test_apply_lora_explicit_list_and_unknown_names(tiny_llama_dir):

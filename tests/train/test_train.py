@@ -42,7 +42,8 @@ def qa_file(tmp_path_factory):
 
 
 def make_config(tmp_path, data, model_dir, **train):
-    lora = train.pop("lora", {"r": 8, "alpha": 16, "dropout": 0.0})
+    # attention-only LoRA at the rate below: the learning these tests were measured on
+    lora = train.pop("lora", {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "auto"})
     return validate_config(
         {
             "data": {"path": str(data), "split": {"train": 1.0, "validation": 0.0, "test": 0.0}},
@@ -105,6 +106,7 @@ def test_trained_model_reproduces_answers_and_stops(tmp_path, llama_dir, qa_file
     assert {"adapter_model.safetensors", "adapter_config.json", "lorakit.json", "tokenizer.json"} <= adapter_files
     assert "README.md" not in adapter_files
     assert [p.name for p in paths.checkpoints.iterdir()] == ["checkpoint-40"]
+    assert json.loads((paths.adapter / "lorakit.json").read_text())["learning_rate"] == 2e-2  # the rate trained with
     assert (paths.plots / "loss.png").read_bytes()[:4] == b"\x89PNG"
     records = [json.loads(line) for line in paths.metrics.read_text().splitlines()]
     steps = [r for r in records if "loss" in r]

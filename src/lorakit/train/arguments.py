@@ -44,8 +44,37 @@ def _intervals(config: LorakitConfig, has_eval: bool) -> dict:
     return out
 
 
+# train.learning_rate: auto. The LoRA rate that 7B recipes settle on (the QLoRA paper's), and the
+# width it belongs to; Adam's best rate falls roughly as 1 / width (muP), so other widths scale it.
+# On SmolLM2-135M (width 576) this gives 1.4e-3, between the two best rates of docs/recipes.md.
+AUTO_LR_AT_WIDTH = (2e-4, 4096)
+AUTO_LR_RANGE = (5e-5, 2e-3)
+
+
+def resolve_learning_rate(config: LorakitConfig, model_config: Any) -> tuple[float, str]:
+    """(the peak learning rate, why) for train.learning_rate, auto or a number."""
+    value = config.train.learning_rate
+    if value != "auto":
+        return float(value), "set in the config"
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    width = getattr(text, "hidden_size", None)
+    rate, at = AUTO_LR_AT_WIDTH
+    if not isinstance(width, int) or width <= 0:
+        return rate, "auto: the model's hidden size is unknown, so the 7B rate"
+    low, high = AUTO_LR_RANGE
+    chosen = min(max(rate * at / width, low), high)
+    return chosen, f"auto: {rate:g} x {at} / hidden size {width}, within [{low:g}, {high:g}]"
+
+
 def build_training_args(
-    config: LorakitConfig, paths: RunPaths, precision: str, device: str, *, has_eval: bool, packed: bool = False
+    config: LorakitConfig,
+    paths: RunPaths,
+    precision: str,
+    device: str,
+    *,
+    has_eval: bool,
+    packed: bool = False,
+    learning_rate: float,
 ):
     """TrainingArguments from the train section (transformers 5.x names).
 
@@ -63,7 +92,7 @@ def build_training_args(
         per_device_train_batch_size=1 if packed else tc.micro_batch_size,
         per_device_eval_batch_size=1 if packed else tc.micro_batch_size,
         gradient_accumulation_steps=tc.gradient_accumulation,
-        learning_rate=tc.learning_rate,
+        learning_rate=learning_rate,
         lr_scheduler_type=tc.lr_scheduler,
         warmup_steps=tc.warmup_ratio,  # a value below 1 is a fraction of the total steps
         weight_decay=tc.weight_decay,

@@ -20,7 +20,7 @@ from ..errors import DataError, RunError, TrainingInterrupted  # re-exported: lo
 from ..files import atomic_write_text
 from ..run_metadata import read_config_history, record_config_change, write_metadata
 from ..runs import RunPaths, prepare_run_dir, publish_run, read_metrics, run_dir_for
-from .arguments import build_training_args, check_optimizer
+from .arguments import build_training_args, check_optimizer, resolve_learning_rate
 from .callbacks import (
     CheckpointCompletionCallback,
     InterruptCallback,
@@ -212,7 +212,17 @@ def _run(
         tokenizer.pad_token_id,
         task_type,
     )
-    args = build_training_args(config, paths, precision, device, has_eval=bool(eval_features), packed=batching.packed)
+    learning_rate, why = resolve_learning_rate(config, model.config)
+    logger.info(f"learning rate {learning_rate:.3g} ({why})")
+    args = build_training_args(
+        config,
+        paths,
+        precision,
+        device,
+        has_eval=bool(eval_features),
+        packed=batching.packed,
+        learning_rate=learning_rate,
+    )
     if main:
         if not resume:
             _clear_run(paths)  # only now: a setup error must not cost an existing run
@@ -275,7 +285,7 @@ def _run(
                 else "train again",
             ) from None
         except NonFiniteTraining as exc:
-            raise _non_finite_error(exc, config, paths) from None
+            raise _non_finite_error(exc, learning_rate, paths) from None
         finally:
             progress.stop()
         if interrupt.stopped_at is not None:
@@ -343,6 +353,7 @@ def _save(
             "global_step": trainer.state.global_step,
             "best_checkpoint": best.replace(str(paths.root), str(final_root), 1) if best else None,
             "lora": config.lora.model_dump(mode="json"),
+            "learning_rate": trainer.args.learning_rate,
             **({"config_changes": history} if history else {}),
         },
     )
@@ -354,10 +365,10 @@ def _save(
     return paths
 
 
-def _non_finite_error(exc: NonFiniteTraining, config: LorakitConfig, paths: RunPaths) -> RunError:
+def _non_finite_error(exc: NonFiniteTraining, rate: float, paths: RunPaths) -> RunError:
     good = paths.latest_checkpoint()
     where = f"; the last good checkpoint is {good}" if good else "; no checkpoint was kept"
-    hint = f"lower train.learning_rate (now {config.train.learning_rate:g}), or check the base model weights, the data and model.precision"
+    hint = f"lower train.learning_rate (now {rate:g}), or check the base model weights, the data and model.precision"
     if good:
         hint += (
             ", then continue with `lorakit train CONFIG --resume --allow-config-change --set train.learning_rate=...`"
