@@ -6,7 +6,7 @@ rate and LoRA target defaults; the bench's SQuAD template, system prompt and bat
 article so no test passage is trained on, and scores the held-out questions before and after: EM /
 F1 under Persian normalization, with the answerable and unanswerable questions apart.
 
-    .venv/bin/python bench/persian_smollm2.py [--epochs 2] [--test-share 0.2] [--out runs/persian]
+    .venv/bin/python bench/persian_smollm2.py [--epochs 1] [--test-share 0.2] [--out runs/persian]
         [--set KEY=VALUE ...]
 
 SmolLM2 was trained almost only on English; its byte-level tokenizer spells a Persian word in
@@ -30,7 +30,7 @@ NO_ANSWER = "پاسخی وجود ندارد"  # "there is no answer", as example
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--test-share", type=float, default=0.2)
     parser.add_argument("--out", default=str(ROOT / "runs" / "persian"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

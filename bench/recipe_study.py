@@ -8,7 +8,8 @@ appends one JSON line (the overrides, EM/F1, never-stops, train and eval wall ti
     .venv/bin/python bench/recipe_study.py --name lr1e-3 --set train.learning_rate=1e-3 [--set ...]
         [--validation 200] [--epochs 1] [--log bench/results/recipe_study.jsonl] [--test]
 
---test also scores the 300 test questions (for the chosen recipe only, once it is chosen).
+--test also scores the 300 test questions (for the chosen recipe only, once it is chosen);
+--train-only scores nothing, to time a training on all cores.
 """
 
 from __future__ import annotations
@@ -52,12 +53,17 @@ def main() -> int:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--validation", type=int, default=200)
     parser.add_argument("--test", action="store_true", help="also score the 300 test questions")
+    parser.add_argument(
+        "--train-only", action="store_true", help="time the training and score nothing (e.g. on all cores)"
+    )
     parser.add_argument("--log", default=str(ROOT / "bench" / "results" / "recipe_study.jsonl"))
     parser.add_argument("--out", default=None, help="run folder parent (default: runs/study/<name>)")
     args = parser.parse_args()
     if not DATA.is_file():
         print(f"skipped: {DATA} is absent.")
         return 0
+
+    import torch
 
     from lorakit.config_loading import _set_dotted, parse_overrides, validate_config
     from lorakit.demo.hubless import ensure_smollm2
@@ -76,7 +82,8 @@ def main() -> int:
     paths = train(config)
     train_s = time.perf_counter() - started
     row: dict = {"name": args.name, "set": args.set, "epochs": args.epochs, "train_min": round(train_s / 60, 2)}
-    splits = [("validation", str(val_path))] + ([("test", None)] if args.test else [])
+    row["threads"] = torch.get_num_threads()
+    splits = [] if args.train_only else [("validation", str(val_path))] + ([("test", None)] if args.test else [])
     for label, data in splits:
         started = time.perf_counter()
         summary = evaluate_path(paths.root, data=data, split="test", perplexity=False, verbose=False)
