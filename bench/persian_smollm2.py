@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from squad_smollm2 import with_overrides  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data" / "persianqa-test-part-a.json"
 NO_ANSWER = "پاسخی وجود ندارد"  # "there is no answer", as examples/persian_qa.yaml
 
@@ -39,7 +42,6 @@ def main() -> int:
         print(f"skipped: {DATA} is absent (this benchmark reads the shared PersianQA part).")
         return 0
 
-    from lorakit.config_loading import _set_dotted, parse_overrides, validate_config
     from lorakit.demo.hubless import ensure_smollm2
     from lorakit.evaluate.runner import evaluate_path
     from lorakit.train.recipe import train
@@ -74,9 +76,7 @@ def main() -> int:
         },
         "eval": {"max_new_tokens": 48, "batch_size": 16, "bleu_tokenize": "intl"},
     }
-    for key, value in parse_overrides(args.set):
-        _set_dotted(tree, key, value)
-    config = validate_config(tree, "--set")
+    config = with_overrides(tree, args.set)
 
     started = time.perf_counter()
     paths = train(config)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from squad_smollm2 import DATA, ROOT, as_articles, bench_config, write_subsets  # noqa: E402
+from squad_smollm2 import DATA, ROOT, as_articles, bench_config, with_overrides, write_subsets  # noqa: E402
 
 
 def write_validation(test_path: Path, n: int, out: Path) -> Path:
@@ -65,7 +65,6 @@ def main() -> int:
 
     import torch
 
-    from lorakit.config_loading import _set_dotted, parse_overrides, validate_config
     from lorakit.demo.hubless import ensure_smollm2
     from lorakit.evaluate.runner import evaluate_path
     from lorakit.train.recipe import train
@@ -74,9 +73,7 @@ def main() -> int:
     train_path, test_path = write_subsets(1000, 300, out / "data")
     val_path = write_validation(test_path, args.validation, out / "data")
     tree = bench_config(ensure_smollm2(), train_path, test_path, out, args.epochs).model_dump(mode="json")
-    for key, value in parse_overrides(args.set):
-        _set_dotted(tree, key, value)
-    config = validate_config(tree, "--set")
+    config = with_overrides(tree, args.set)
 
     started = time.perf_counter()
     paths = train(config)

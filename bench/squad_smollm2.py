@@ -137,6 +137,15 @@ RECIPES: dict[str, list[str]] = {
 RECIPE_EPOCHS = {"previous": 1.0, "study": 2.0}
 
 
+def with_overrides(tree: dict, overrides: list[str]):
+    """A validated config from a config tree and `--set KEY=VALUE` overrides, as `lorakit train --set`."""
+    from lorakit.config_loading import _set_dotted, parse_overrides, validate_config
+
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    return validate_config(tree, "--set")
+
+
 def token_stats(config) -> dict:
     """What the training features supervise, encoded exactly as train() encodes them."""
     from lorakit.pipeline import prepare
@@ -309,12 +318,7 @@ def main() -> int:
     config = bench_config(model_dir, train_path, test_path, out, epochs)
     overrides = RECIPES[args.recipe] + args.set
     if overrides:
-        from lorakit.config_loading import _set_dotted, parse_overrides, validate_config
-
-        tree = config.model_dump(mode="json")
-        for key, value in parse_overrides(overrides):
-            _set_dotted(tree, key, value)
-        config = validate_config(tree, "--set")
+        config = with_overrides(config.model_dump(mode="json"), overrides)
 
     folder = out / "rows"
     folder.mkdir(parents=True, exist_ok=True)
