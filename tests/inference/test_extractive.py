@@ -136,8 +136,9 @@ def test_batched_generation_stays_inside_each_rows_passage(llama, tokenizer, mon
     prompts = [f"Context: {p}\nQuestion: {q}?\nAnswer:" for p in PASSAGES for q in ("who", "what")]
     passages = [p for p in PASSAGES for _ in range(2)]
     shared = []
-    original = decoding.encode_prefixes
-    monkeypatch.setattr(decoding, "encode_prefixes", lambda *a, **k: shared.append(1) or original(*a, **k))
+    for name in ("encode_prefixes", "encode_shared_prefixes"):  # passage copied per row, or read once
+        original = getattr(decoding, name)
+        monkeypatch.setattr(decoding, name, lambda *a, original=original: shared.append(1) or original(*a))
     free = generate_batched(llama, tokenizer, prompts, max_new_tokens=10, share_prefixes=False)
     assert not all(is_span(g.text, p) for g, p in zip(free, passages)), "the random model must need the constraint"
     kept = generate_batched(

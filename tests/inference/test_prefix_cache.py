@@ -101,9 +101,12 @@ def test_batches_are_full_and_keep_each_rows_group():
             assert row in batch.groups[g].members
 
 
+@pytest.mark.parametrize("read_once", [True, False], ids=["passage-read-once", "passage-copied-per-row"])
 @pytest.mark.parametrize("batch_size", [16, 3])
-def test_shared_prefix_answers_equal_each_prompt_alone(llama, batch_size):
+def test_shared_prefix_answers_equal_each_prompt_alone(llama, batch_size, read_once, monkeypatch):
     model, tokenizer = llama
+    if not read_once:  # the path of models shared_attention does not cover
+        monkeypatch.setattr("lorakit.inference.decoding.supports_shared_attention", lambda model: False)
     reference = alone(model, tokenizer, PROMPTS)
     counter = PrefillCounter(model, tokenizer.pad_token_id)
     try:
@@ -176,8 +179,9 @@ def test_sampling_and_seq2seq_never_take_the_shared_path(llama, tiny_t5_dir, mon
     from transformers import AutoModelForSeq2SeqLM
 
     calls = []
-    real = prefix_cache.encode_prefixes
-    monkeypatch.setattr("lorakit.inference.decoding.encode_prefixes", lambda *a, **k: calls.append(1) or real(*a))
+    for name in ("encode_prefixes", "encode_shared_prefixes"):  # copied per row, or read once per group
+        real = getattr(prefix_cache, name)
+        monkeypatch.setattr(f"lorakit.inference.decoding.{name}", lambda *a, real=real: calls.append(1) or real(*a))
     model, tokenizer = llama
     generate_batched(model, tokenizer, PROMPTS[:4], max_new_tokens=2, temperature=1.0, seed=0)
     assert calls == []
@@ -206,10 +210,11 @@ def test_a_cache_that_cannot_be_copied_falls_back_to_the_plain_path(llama, monke
     )
     model = MistralForCausalLM(config).eval()
     prepared = []
-    real = prefix_cache.encode_prefixes
-    monkeypatch.setattr(
-        "lorakit.inference.decoding.encode_prefixes", lambda *a: prepared.append(out := real(*a)) or out
-    )
+    for name in ("encode_prefixes", "encode_shared_prefixes"):
+        real = getattr(prefix_cache, name)
+        monkeypatch.setattr(
+            f"lorakit.inference.decoding.{name}", lambda *a, real=real: prepared.append(out := real(*a)) or out
+        )
     shared = generate_batched(model, tokenizer, PROMPTS, max_new_tokens=MAX_NEW, batch_size=4)
     assert prepared == [None]  # tried once, then every row the plain way
     assert ids_of(shared) == ids_of(alone(model, tokenizer, PROMPTS))

@@ -20,7 +20,15 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from .extractive import spans_processor as _spans
 from .greedy import greedy_decode, plain_greedy
-from .prefix_cache import PrefixGroup, can_share_prefixes, encode_prefixes, group_by_prefix, prefix_batches
+from .prefix_cache import (
+    PrefixGroup,
+    can_share_prefixes,
+    encode_prefixes,
+    encode_shared_prefixes,
+    group_by_prefix,
+    prefix_batches,
+)
+from .shared_attention import SharedPrefix, supports_shared_attention
 from .stopping import StopOnStrings, _Cancelled, _RowsCancelled
 
 if TYPE_CHECKING:  # annotations only, no import cost
@@ -197,7 +205,8 @@ def generate_batched(
     results: list[Generation | None] = [None] * len(prompts)
 
     def run(chunk: list[int], input_ids: torch.Tensor, mask: torch.Tensor, past: object = None) -> None:
-        """Generate one batch (prompt indices `chunk`) and store its rows' Generations."""
+        """Generate one batch (prompt indices `chunk`) and store its rows' Generations. past: a
+        cache of the rows' first tokens, or their passages encoded once (a SharedPrefix, greedy only)."""
         width = 1 if task_type == "seq2seq" else input_ids.shape[1]
         stopper = StopOnStrings(tokenizer, stop_strings, width)
         spans = _spans(tokenizer, [passages[i] for i in chunk], no_answer, eos_ids) if passages else {}
@@ -227,6 +236,7 @@ def generate_batched(
         def row_done(row: int, tokens: list[int]) -> bool:
             return (cancelled is not None and cancelled(chunk[row])) or stopper.row_stops(row, tokens)
 
+        shared = past if isinstance(past, SharedPrefix) else None
         return greedy_decode(
             model,
             input_ids,
@@ -234,9 +244,10 @@ def generate_batched(
             max_new_tokens=max_new_tokens,
             eos_ids=eos_ids,
             pad_id=pad_id,
-            past=past,
+            past=None if shared is not None else past,
             processors=list(spans.get("logits_processor", [])),
             row_done=row_done,
+            shared=shared,
         )
 
     def store(chunk: list[int], new: list[list[int]], stopper: StopOnStrings) -> None:
@@ -261,13 +272,19 @@ def generate_batched(
         plain = [i for i in plain if i not in in_groups]
     # longest first: similar lengths share a batch, and an out-of-memory shows up at once
     plain.sort(key=lambda i: -len(encoded[i]))
+    # greedy batches read each passage once per group (shared_attention); the rest copy it per row
+    once = plain_greedy(config) and supports_shared_attention(model)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             batches = prefix_batches(shared, batch_size)
             for n, batch in enumerate(batches):
-                prepared = encode_prefixes(model, encoded, batch, pad_id, device, max_new_tokens)
+                prepared = (
+                    encode_shared_prefixes(model, encoded, batch, pad_id, device)
+                    if once
+                    else encode_prefixes(model, encoded, batch, pad_id, device, max_new_tokens)
+                )
                 if prepared is None:  # this model's cache cannot be shared: the plain way for these rows
                     plain = sorted(plain + [i for b in batches[n:] for i in b.rows], key=lambda i: -len(encoded[i]))
                     break

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .prefix_cache import forward_parameters, preallocate
+from .shared_attention import SharedPrefix, shared_attention
 
 if TYPE_CHECKING:  # annotations only
     from transformers import GenerationConfig, LogitsProcessor, PreTrainedModel
@@ -59,6 +60,7 @@ def greedy_decode(
     past: Any = None,
     processors: Sequence[LogitsProcessor] = (),
     row_done: Callable[[int, list[int]], bool] | None = None,
+    shared: SharedPrefix | None = None,
 ) -> list[list[int]]:
     """The new tokens of each row of a left-padded batch, greedy, each row ending at EOS (kept),
     at max_new_tokens, or when row_done(row, tokens so far) says so.
@@ -67,24 +69,42 @@ def greedy_decode(
     rest of input_ids is run through the model. processors: logits processors called as generate
     calls them (ids so far, scores) on the rows still in the batch; one with a `keep_rows(indices)`
     method is told which rows remain each time finished rows are dropped.
+    shared: the rows' passages, encoded once (prefix_cache.encode_shared_prefixes): input_ids hold
+    only each row's own tokens, which come after its passage, and attention reads each passage
+    once per group of rows (inference.shared_attention).
     """
+    if shared is None:
+        return _decode(model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, past, processors, row_done)
+    with shared_attention(model):
+        return _decode(
+            model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, past, processors, row_done, shared
+        )
+
+
+def _decode(
+    model, input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, past, processors, row_done, shared=None
+) -> list[list[int]]:
     device = input_ids.device
     n = input_ids.shape[0]
     cached = past.get_seq_length() if past is not None else 0
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    offsets = shared.position_offsets(device) if shared is not None else torch.zeros(n, dtype=torch.long, device=device)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0) + offsets[:, None]
     extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
-    out = model(
-        input_ids=input_ids[:, cached:],
-        attention_mask=attention_mask,
-        position_ids=positions[:, cached:],
-        past_key_values=past,
-        use_cache=True,
-        **extra,
-    )
-    cache = preallocate(out.past_key_values, input_ids.shape[1] + max_new_tokens)
-    logits = out.logits[:, -1, :]
+    if shared is not None:
+        logits, latest_cache = _prefill_by_length(model, input_ids, attention_mask, positions, shared, extra)
+    else:
+        out = model(
+            input_ids=input_ids[:, cached:],
+            attention_mask=attention_mask,
+            position_ids=positions[:, cached:],
+            past_key_values=past,
+            use_cache=True,
+            **extra,
+        )
+        logits, latest_cache = out.logits[:, -1, :], out.past_key_values
+    cache = preallocate(latest_cache, input_ids.shape[1] + max_new_tokens)
     ids, mask = input_ids, attention_mask
-    next_position = attention_mask.sum(-1)
+    next_position = attention_mask.sum(-1) + offsets
     rows = list(range(n))  # batch row -> the caller's row
     running = torch.ones(n, dtype=torch.bool, device=device)
     generated: list[list[int]] = [[] for _ in range(n)]
@@ -115,6 +135,8 @@ def greedy_decode(
             ids, mask, tokens, next_position = ids[keep], mask[keep], tokens[keep], next_position[keep]
             rows = [rows[i] for i in keep.tolist()]
             running = running[keep]
+            if shared is not None:
+                shared.keep_rows(keep.tolist())
             for processor in processors:
                 if hasattr(processor, "keep_rows"):
                     processor.keep_rows(keep.tolist())
@@ -122,9 +144,86 @@ def greedy_decode(
             input_ids=tokens[:, None],
             attention_mask=mask,
             position_ids=next_position[:, None],
-            past_key_values=cache if cache is not None else out.past_key_values,
+            past_key_values=cache if cache is not None else latest_cache,
             use_cache=True,
+            **({"shared_prefix": shared} if shared is not None else {}),
         )
         next_position = next_position + 1
-        logits = out.logits[:, -1, :]
+        logits, latest_cache = out.logits[:, -1, :], out.past_key_values
     return generated
+
+
+# a forward pass costs about this many prompt positions beyond its positions (weights read once
+# more, per-layer overhead): a length bucket of its own must save more padding than that
+POSITIONS_PER_FORWARD = 48
+
+
+def length_buckets(lengths: Sequence[int], overhead: int | None = None) -> list[list[int]]:
+    """Rows (indices into lengths) in buckets of similar length, each bucket in row order, that
+    minimise the positions computed, padding included, plus `overhead` per bucket: rows sorted by
+    length, cut where a cut saves more padding than a forward pass costs (dynamic programming)."""
+    overhead = POSITIONS_PER_FORWARD if overhead is None else overhead
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = [0] * (len(order) + 1)  # best[k]: cost of the k shortest rows
+    cut = [0] * (len(order) + 1)
+    for k in range(1, len(order) + 1):
+        # the last bucket holds sorted rows j..k-1, padded to the longest, lengths[order[k-1]]
+        best[k], cut[k] = min((best[j] + overhead + (k - j) * lengths[order[k - 1]], j) for j in range(k))
+    buckets, k = [], len(order)
+    while k:
+        buckets.append(sorted(order[cut[k] : k]))
+        k = cut[k]
+    return buckets[::-1]
+
+
+def _prefill_by_length(model, input_ids, mask, positions, shared: SharedPrefix, extra) -> tuple[torch.Tensor, Any]:
+    """The rows' own tokens (their passages are in `shared`) through the model in buckets of similar
+    length, so a short question is not padded to the longest one of the batch (on SQuAD a quarter
+    of the suffix positions were padding); the buckets' caches joined, left-padded, in row order.
+    Rows attend only to their passage and themselves, so a row's logits do not depend on its bucket."""
+    lengths = mask.sum(-1).tolist()
+    buckets = length_buckets(lengths)
+    if len(buckets) == 1:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **(extra | {"shared_prefix": shared}),
+        )
+        return out.logits[:, -1, :], out.past_key_values
+    width = input_ids.shape[1]
+    logits: torch.Tensor | None = None
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    cache: Any = None
+    for rows in buckets:
+        index = torch.tensor(rows, device=input_ids.device)
+        start = width - max(lengths[i] for i in rows)
+        part = SharedPrefix(shared.keys, shared.values, shared.lengths, [shared.row_group[i] for i in rows])
+        out = model(
+            input_ids=input_ids[index, start:],
+            attention_mask=mask[index, start:],
+            position_ids=positions[index, start:],
+            use_cache=True,
+            **(extra | {"shared_prefix": part}),
+        )
+        last = out.logits[:, -1, :]
+        if logits is None:
+            logits = last.new_empty((input_ids.shape[0], last.shape[-1]))
+        logits[index] = last
+        cache = out.past_key_values
+        for n, layer in enumerate(cache.layers):
+            if n == len(keys):  # room for every row at the batch's width; padding slots stay zero (masked)
+                keys.append(
+                    layer.keys.new_zeros((input_ids.shape[0], *layer.keys.shape[1:2], width, layer.keys.shape[3]))
+                )
+                values.append(
+                    layer.values.new_zeros((input_ids.shape[0], *layer.values.shape[1:2], width, layer.values.shape[3]))
+                )
+            keys[n][index, :, start:] = layer.keys
+            values[n][index, :, start:] = layer.values
+    for layer, k, v in zip(cache.layers, keys, values):  # the last bucket's cache, holding every row
+        layer.keys, layer.values = k, v
+    assert logits is not None
+    return logits, cache

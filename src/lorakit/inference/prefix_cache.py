@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .shared_attention import SharedPrefix
+
 if TYPE_CHECKING:  # annotations only
     from transformers import PreTrainedModel
 
@@ -196,6 +198,29 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[
     return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
+def _encode_distinct_prefixes(
+    model: PreTrainedModel, encoded: Sequence[Sequence[int]], batch: PrefixBatch, pad_id: int, device: Any
+) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor, torch.Tensor] | None:
+    """Each distinct prefix of the batch through the model once: (prefix ids, prefix mask, cache,
+    suffix ids, suffix mask), all left-padded; None when the cache is not a plain per-token one
+    (sliding windows, recurrent state), which cannot be shared across rows."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    prefixes = [encoded[g.members[0]][: g.length] for g in batch.groups]
+    prefix_ids, prefix_mask = _left_pad(prefixes, pad_id, device)
+    # a padded slot's position does not matter (nothing attends to it); real tokens count from 0
+    positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
+    out = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True, **extra)
+    cache = out.past_key_values
+    layers: list[Any] = list(cache.layers) if isinstance(cache, DynamicCache) else []
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    suffixes = [encoded[i][batch.groups[g].length :] for i, g in zip(batch.rows, batch.row_group)]
+    suffix_ids, suffix_mask = _left_pad(suffixes, pad_id, device)
+    return prefix_ids, prefix_mask, cache, suffix_ids, suffix_mask
+
+
 def encode_prefixes(
     model: PreTrainedModel,
     encoded: Sequence[Sequence[int]],
@@ -211,23 +236,32 @@ def encode_prefixes(
     None when the model's cache is not a plain per-token one (sliding windows, recurrent state):
     such a cache cannot be copied across rows this way, so the caller generates those rows plainly.
     """
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    prefixes = [encoded[g.members[0]][: g.length] for g in batch.groups]
-    prefix_ids, prefix_mask = _left_pad(prefixes, pad_id, device)
-    # a padded slot's position does not matter (nothing attends to it); real tokens count from 0
-    positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
-    out = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True, **extra)
-    cache = out.past_key_values
-    layers: list[Any] = list(cache.layers) if isinstance(cache, DynamicCache) else []
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+    encoded_prefixes = _encode_distinct_prefixes(model, encoded, batch, pad_id, device)
+    if encoded_prefixes is None:
         return None
-    suffixes = [encoded[i][batch.groups[g].length :] for i, g in zip(batch.rows, batch.row_group)]
-    suffix_ids, suffix_mask = _left_pad(suffixes, pad_id, device)
+    prefix_ids, prefix_mask, cache, suffix_ids, suffix_mask = encoded_prefixes
     select = torch.tensor(batch.row_group, device=device)
     cache.batch_select_indices(select)  # each row gets its group's prefix
     cache = preallocate(cache, prefix_ids.shape[1] + suffix_ids.shape[1] + max_new_tokens)
     input_ids = torch.cat([prefix_ids[select], suffix_ids], dim=1)
     mask = torch.cat([prefix_mask[select], suffix_mask], dim=1)
     return input_ids, mask, cache
+
+
+def encode_shared_prefixes(
+    model: PreTrainedModel, encoded: Sequence[Sequence[int]], batch: PrefixBatch, pad_id: int, device: Any
+) -> tuple[torch.Tensor, torch.Tensor, SharedPrefix] | None:
+    """(suffix ids, suffix mask, the passages' cache) for greedy_decode with shared-prefix attention:
+    each distinct prefix encoded once and kept once (not copied to its rows), so the rows' own
+    caches start empty and hold only their suffix and answer. None as for encode_prefixes."""
+    encoded_prefixes = _encode_distinct_prefixes(model, encoded, batch, pad_id, device)
+    if encoded_prefixes is None:
+        return None
+    _, _, cache, suffix_ids, suffix_mask = encoded_prefixes
+    shared = SharedPrefix(
+        keys=[layer.keys for layer in cache.layers],
+        values=[layer.values for layer in cache.layers],
+        lengths=[g.length for g in batch.groups],
+        row_group=list(batch.row_group),
+    )
+    return suffix_ids, suffix_mask, shared
