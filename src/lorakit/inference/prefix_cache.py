@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .shared_attention import SharedPrefix
+from .shared_attention import SharedPrefix, unwrapped_model
 
 if TYPE_CHECKING:  # annotations only
     from transformers import PreTrainedModel
@@ -112,21 +112,15 @@ def prefix_batches(groups: Sequence[PrefixGroup], batch_size: int) -> list[Prefi
     return batches
 
 
-def _inner(model: PreTrainedModel) -> Any:
-    """The transformers model under a peft wrapper (whose forward passes keyword arguments on)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def forward_parameters(model: PreTrainedModel) -> set[str]:
     """The keyword arguments the model's own forward takes (through a peft wrapper)."""
-    return set(inspect.signature(_inner(model).forward).parameters)
+    return set(inspect.signature(unwrapped_model(model).forward).parameters)
 
 
 def can_share_prefixes(model: PreTrainedModel) -> bool:
     """Decoder-only models that take position ids (else padding inside a row would shift positions)
     and let generate use the cache it is given (no cache_implementation of their own)."""
-    inner = _inner(model)
+    inner = unwrapped_model(model)
     config = getattr(inner, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False

@@ -161,10 +161,14 @@ def _register() -> str:
     return ATTENTION_NAME
 
 
-def supports_shared_attention(model: PreTrainedModel) -> bool:
-    from .prefix_cache import _inner
+def unwrapped_model(model: PreTrainedModel) -> Any:
+    """The transformers model under a peft wrapper (whose forward passes keyword arguments on)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
-    inner = _inner(model)
+
+def supports_shared_attention(model: PreTrainedModel) -> bool:
+    inner = unwrapped_model(model)
     config = getattr(inner, "config", None)
     return (
         config is not None
@@ -177,9 +181,7 @@ def supports_shared_attention(model: PreTrainedModel) -> bool:
 @contextlib.contextmanager
 def shared_attention(model: PreTrainedModel) -> Iterator[None]:
     """The model's attention is shared_prefix_attention inside the block, its own again after."""
-    from .prefix_cache import _inner
-
-    config = _inner(model).config
+    config = unwrapped_model(model).config
     before = config._attn_implementation
     config._attn_implementation = _register()
     try:
