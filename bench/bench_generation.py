@@ -50,20 +50,23 @@ def plain_prefill(prompts: list[list[int]], batch_size: int) -> tuple[int, int]:
     return sum(lengths), sum(len(c) * c[0] for c in chunks)
 
 
-def shared_prefill(prompts: list[list[int]], batch_size: int) -> tuple[list, int, int]:
+def shared_prefill(prompts: list[list[int]], batch_size: int, new_tokens: int) -> tuple[list, int, int, list[int]]:
     """(the shared groups, prompt tokens prefilled, positions computed with padding) when each
     batch encodes its distinct prefixes once, then every row's suffix; unshared prompts plainly."""
     from lorakit.inference.prefix_cache import group_by_prefix, prefix_batches
 
     groups = [g for g in group_by_prefix(prompts) if len(g.members) > 1]
     real = slots = 0
-    for batch in prefix_batches(groups, batch_size):
+    sizes = []
+    # the batches generate_batched makes when attention reads each passage once (cache room)
+    for batch in prefix_batches(groups, batch_size, lengths=[len(p) for p in prompts], new_tokens=new_tokens):
+        sizes.append(len(batch.rows))
         suffixes = [len(prompts[i]) - batch.groups[g].length for i, g in zip(batch.rows, batch.row_group)]
         real += sum(g.length for g in batch.groups) + sum(suffixes)
         slots += len(batch.groups) * max(g.length for g in batch.groups) + len(suffixes) * max(suffixes)
     grouped = {i for g in groups for i in g.members}
     plain_real, plain_slots = plain_prefill([p for i, p in enumerate(prompts) if i not in grouped] or [[]], batch_size)
-    return groups, real + plain_real, slots + plain_slots
+    return groups, real + plain_real, slots + plain_slots, sizes
 
 
 def main() -> int:
@@ -124,12 +127,13 @@ def main() -> int:
         f"{', closed book (no passage)' if args.closed_book else ', with passages'}"
     )
 
-    groups, real, slots = shared_prefill(prompts, args.batch_size)
+    groups, real, slots, sizes = shared_prefill(prompts, args.batch_size, args.max_new_tokens)
     _, plain_slots = plain_prefill(prompts, args.batch_size)
     print(
         f"shared prefixes: {sum(len(g.members) for g in groups)} questions in {len(groups)} groups; prefill "
         f"{real} of {sum(lengths)} prompt tokens ({sum(lengths) / real:.1f}x fewer); positions computed with "
-        f"padding: {slots} shared, {plain_slots} without sharing"
+        f"padding: {slots} shared, {plain_slots} without sharing; shared batches of {sizes} questions "
+        f"(the cache room of {args.batch_size} prompts)"
     )
 
     predictor.generate_prompts(prompts[:2], batch_size=2, max_new_tokens=2)  # warm-up, not timed

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Mis
 
 from lorakit.inference import prefix_cache
 from lorakit.inference.decoding import encode_prompt, generate_batched
-from lorakit.inference.prefix_cache import PrefixGroup, group_by_prefix, prefix_batches
+from lorakit.inference.prefix_cache import MAX_SHARED_ROWS, PrefixGroup, group_by_prefix, prefix_batches
 
 PASSAGES = [
     "The quick brown fox jumps over the lazy dog 0123456789, and the capital of France is Paris. " * 2,
@@ -101,6 +101,31 @@ def test_batches_are_full_and_keep_each_rows_group():
             assert row in batch.groups[g].members
 
 
+def test_rows_that_read_their_passage_once_fill_the_cache_room_of_batch_size_prompts():
+    # 3 passages of 100 tokens, 10 questions each (own tokens 10..19), 8 new tokens per answer
+    groups = [PrefixGroup(list(range(10 * p, 10 * p + 10)), 100) for p in range(3)]
+    lengths = [100 + 10 + i % 10 for i in range(30)]
+    room = 4 * (sum(lengths) / 30 + 8)  # the cache 4 average prompts with their answers would hold
+    batches = prefix_batches(groups, 4, lengths=lengths, new_tokens=8)
+    assert sorted(i for b in batches for i in b.rows) == list(range(30))
+    for batch in batches:
+        held = sum(g.length for g in batch.groups) + sum(lengths[i] - 100 + 8 for i in batch.rows)
+        assert held <= room
+        for row, g in zip(batch.rows, batch.row_group):
+            assert row in batch.groups[g].members
+    assert max(len(b.rows) for b in batches) > 4  # a passage counted once leaves room for more questions
+    # full batches: the next row would not have fitted
+    for batch, after in zip(batches, batches[1:]):
+        held = sum(g.length for g in batch.groups) + sum(lengths[i] - 100 + 8 for i in batch.rows)
+        first = after.rows[0]
+        extra = lengths[first] - 100 + 8 + (0 if after.groups[0] in batch.groups else 100)
+        assert held + extra > room
+    # a row larger than the room still gets a batch of its own; the row cap holds
+    assert [b.rows for b in prefix_batches([PrefixGroup([0, 1], 100)], 1, lengths=[900, 900])] == [[0], [1]]
+    many = prefix_batches([PrefixGroup(list(range(600)), 20)], 600, lengths=[21] * 600)
+    assert [len(b.rows) for b in many] == [MAX_SHARED_ROWS, MAX_SHARED_ROWS, 600 - 2 * MAX_SHARED_ROWS]
+
+
 @pytest.mark.parametrize("read_once", [True, False], ids=["passage-read-once", "passage-copied-per-row"])
 @pytest.mark.parametrize("batch_size", [16, 3])
 def test_shared_prefix_answers_equal_each_prompt_alone(llama, batch_size, read_once, monkeypatch):
@@ -121,7 +146,8 @@ def test_shared_prefix_answers_equal_each_prompt_alone(llama, batch_size, read_o
     # each shared prefix went through the model once per batch it appears in, then only suffixes
     encoded = [encode_prompt(tokenizer, p) for p in PROMPTS]
     groups = [g for g in group_by_prefix(encoded) if len(g.members) > 1]
-    batches = prefix_batches(groups, batch_size)
+    room = {"lengths": [len(e) for e in encoded], "new_tokens": MAX_NEW} if read_once else {}
+    batches = prefix_batches(groups, batch_size, **room)
     prefixes = sum(g.length for b in batches for g in b.groups)
     total = sum(len(e) for e in encoded)
     assert counter.tokens == total - sum(g.length * len(g.members) for g in groups) + prefixes

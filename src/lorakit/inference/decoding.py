@@ -278,7 +278,9 @@ def generate_batched(
     model.eval()
     try:
         with torch.inference_mode():
-            batches = prefix_batches(shared, batch_size)
+            # rows that read their passage once fill a batch by cache room, not by row count
+            room = {"lengths": [len(e) for e in encoded], "new_tokens": max_new_tokens} if once else {}
+            batches = prefix_batches(shared, batch_size, **room)
             for n, batch in enumerate(batches):
                 prepared = (
                     encode_shared_prefixes(model, encoded, batch, pad_id, device)

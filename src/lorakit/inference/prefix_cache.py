@@ -32,6 +32,9 @@ if TYPE_CHECKING:  # annotations only
 
 # a shorter common start saves too little prefill to be worth its own forward pass
 MIN_SHARED_TOKENS = 16
+# rows of one batch when passages are read once: bounds the logits (rows x vocabulary) and the
+# per-step bookkeeping; the cache room (prefix_batches) is usually the tighter bound
+MAX_SHARED_ROWS = 256
 
 
 @dataclass
@@ -96,13 +99,46 @@ def group_by_prefix(encoded: Sequence[Sequence[int]], min_shared: int = MIN_SHAR
     return out
 
 
-def prefix_batches(groups: Sequence[PrefixGroup], batch_size: int) -> list[PrefixBatch]:
-    """Rows in batches of batch_size, longest prefix first; a group may span two batches
-    (its prefix is then encoded once in each)."""
+def prefix_batches(
+    groups: Sequence[PrefixGroup],
+    batch_size: int,
+    *,
+    lengths: Sequence[int] | None = None,
+    new_tokens: int = 0,
+) -> list[PrefixBatch]:
+    """Rows in batches, longest prefix first; a group may span two batches (its prefix is then
+    encoded once in each).
+
+    Without `lengths`: batch_size rows per batch (every row holds its own copy of its prefix).
+    With `lengths` (each prompt's token count; rows that read their group's prefix once, see
+    shared_attention): a batch holds as many rows as fit in the cache room of batch_size average
+    prompts, each with new_tokens to generate, counting each prefix once and each row's own
+    tokens; at most MAX_SHARED_ROWS. So a batch never holds more cache than the batch_size the
+    caller chose for its memory, and on passage-heavy data many more questions share each step.
+    """
     rows = [(i, group) for group in sorted(groups, key=lambda g: -g.length) for i in group.members]
-    batches, size = [], max(1, batch_size)
-    for start in range(0, len(rows), size):
-        piece = rows[start : start + size]
+    pieces: list[list[tuple[int, PrefixGroup]]] = []
+    if lengths is None:
+        size = max(1, batch_size)
+        pieces = [rows[start : start + size] for start in range(0, len(rows), size)]
+    else:
+        room = max(1, batch_size) * (sum(lengths[i] for i, _ in rows) / max(1, len(rows)) + new_tokens)
+        piece: list[tuple[int, PrefixGroup]] = []
+        used = 0.0
+        for i, group in rows:
+            cost = lengths[i] - group.length + new_tokens
+            if not any(group is g for _, g in piece):
+                cost += group.length
+            if piece and (used + cost > room or len(piece) == MAX_SHARED_ROWS):
+                pieces.append(piece)
+                piece, used = [], 0.0
+                cost = lengths[i] + new_tokens  # the prefix counts again in the new batch
+            piece.append((i, group))
+            used += cost
+        if piece:
+            pieces.append(piece)
+    batches = []
+    for piece in pieces:
         distinct: list[PrefixGroup] = []
         for _, group in piece:
             if not any(group is g for g in distinct):
