@@ -279,8 +279,8 @@ def generate_batched(
     try:
         with torch.inference_mode():
             # rows that read their passage once fill a batch by cache room, not by row count
-            room = {"lengths": [len(e) for e in encoded], "new_tokens": max_new_tokens} if once else {}
-            batches = prefix_batches(shared, batch_size, **room)
+            lengths = [len(e) for e in encoded] if once else None
+            batches = prefix_batches(shared, batch_size, lengths=lengths, new_tokens=max_new_tokens)
             for n, batch in enumerate(batches):
                 prepared = (
                     encode_shared_prefixes(model, encoded, batch, pad_id, device)
