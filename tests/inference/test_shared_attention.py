@@ -70,77 +70,69 @@ def tolerance(reference: torch.Tensor) -> float:
     return 300 * EPS * float(reference.abs().max())
 
 
+def prefill_questions(model, encoded, batch):
+    """The batch's questions through the model after their passages (encoded once): the output,
+    the questions' mask, the SharedPrefix and each row's position offset."""
+    suffix_ids, suffix_mask, shared = encode_shared_prefixes(model, encoded, batch, PAD, "cpu")
+    offsets = shared.position_offsets("cpu")
+    positions = (suffix_mask.cumsum(-1) - 1).clamp(min=0) + offsets[:, None]
+    out = model(
+        input_ids=suffix_ids, attention_mask=suffix_mask, position_ids=positions, use_cache=True, shared_prefix=shared
+    )
+    return out, suffix_mask, shared, offsets
+
+
 @pytest.mark.parametrize("kind,kv_heads", [("llama", 2), ("llama", 4), ("qwen2", 2)])
 def test_every_row_gets_the_logits_of_its_prompt_alone(kind, kv_heads):
     model = tiny(kind, kv_heads)
     assert supports_shared_attention(model)
     encoded, batch = prompts()
     steps = [[1 + (5 + 3 * r + 7 * k) % 90 for k in range(3)] for r in range(len(batch.rows))]  # an answer per row
-    with torch.inference_mode():
-        suffix_ids, suffix_mask, shared = encode_shared_prefixes(model, encoded, batch, PAD, "cpu")
+    with torch.inference_mode(), shared_attention(model):
+        out, suffix_mask, shared, offsets = prefill_questions(model, encoded, batch)
         assert shared.keys[0].shape[0] == 3  # one copy per passage, not per row
-        offsets = shared.position_offsets("cpu")
-        positions = (suffix_mask.cumsum(-1) - 1).clamp(min=0) + offsets[:, None]
-        with shared_attention(model):
+        got = [[out.logits[r, -1]] for r in range(len(batch.rows))]
+        cache, mask, next_position = out.past_key_values, suffix_mask, suffix_mask.sum(-1) + offsets
+        assert cache.get_seq_length() == suffix_mask.shape[1]  # the rows' caches hold no passage
+        for k in range(3):
+            tokens = torch.tensor([s[k] for s in steps])
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             out = model(
-                input_ids=suffix_ids,
-                attention_mask=suffix_mask,
-                position_ids=positions,
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=next_position[:, None],
+                past_key_values=cache,
                 use_cache=True,
                 shared_prefix=shared,
             )
-            got = [[out.logits[r, -1]] for r in range(len(batch.rows))]
-            cache, mask, next_position = out.past_key_values, suffix_mask, suffix_mask.sum(-1) + offsets
-            assert cache.get_seq_length() == suffix_ids.shape[1]  # the rows' caches hold no passage
-            for k in range(3):
-                tokens = torch.tensor([s[k] for s in steps])
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                out = model(
-                    input_ids=tokens[:, None],
-                    attention_mask=mask,
-                    position_ids=next_position[:, None],
-                    past_key_values=cache,
-                    use_cache=True,
-                    shared_prefix=shared,
-                )
-                next_position = next_position + 1
-                for r in range(len(batch.rows)):
-                    got[r].append(out.logits[r, -1])
-        for r, index in enumerate(batch.rows):
-            reference = alone_logits(model, encoded[index], steps[r])
-            assert torch.allclose(torch.stack(got[r]), reference, rtol=0, atol=tolerance(reference)), (kind, r)
+            next_position = next_position + 1
+            for r in range(len(batch.rows)):
+                got[r].append(out.logits[r, -1])
+    for r, index in enumerate(batch.rows):  # the model's own attention again
+        reference = alone_logits(model, encoded[index], steps[r])
+        assert torch.allclose(torch.stack(got[r]), reference, rtol=0, atol=tolerance(reference)), (kind, r)
 
 
 def test_rows_leaving_the_batch_keep_their_logits():
     model = tiny("llama", 2)
     encoded, batch = prompts()
     keep = [0, 2, 5]  # a whole group (row 3) and one row of each other group leave
-    with torch.inference_mode():
-        suffix_ids, suffix_mask, shared = encode_shared_prefixes(model, encoded, batch, PAD, "cpu")
-        offsets = shared.position_offsets("cpu")
-        positions = (suffix_mask.cumsum(-1) - 1).clamp(min=0) + offsets[:, None]
-        with shared_attention(model):
-            out = model(
-                input_ids=suffix_ids,
-                attention_mask=suffix_mask,
-                position_ids=positions,
-                use_cache=True,
-                shared_prefix=shared,
-            )
-            cache = out.past_key_values
-            cache.batch_select_indices(torch.tensor(keep))
-            shared.keep_rows(keep)
-            assert shared.spans == [(0, 0, 2), (2, 2, 3)]
-            mask = torch.cat([suffix_mask[keep], torch.ones(len(keep), 1, dtype=torch.long)], dim=1)
-            position = (suffix_mask.sum(-1) + offsets)[keep]
-            out = model(
-                input_ids=torch.full((len(keep), 1), 9),
-                attention_mask=mask,
-                position_ids=position[:, None],
-                past_key_values=cache,
-                use_cache=True,
-                shared_prefix=shared,
-            )
+    with torch.inference_mode(), shared_attention(model):
+        out, suffix_mask, shared, offsets = prefill_questions(model, encoded, batch)
+        cache = out.past_key_values
+        cache.batch_select_indices(torch.tensor(keep))
+        shared.keep_rows(keep)
+        assert shared.spans == [(0, 0, 2), (2, 2, 3)]
+        mask = torch.cat([suffix_mask[keep], torch.ones(len(keep), 1, dtype=torch.long)], dim=1)
+        position = (suffix_mask.sum(-1) + offsets)[keep]
+        out = model(
+            input_ids=torch.full((len(keep), 1), 9),
+            attention_mask=mask,
+            position_ids=position[:, None],
+            past_key_values=cache,
+            use_cache=True,
+            shared_prefix=shared,
+        )
     for r, row in enumerate(keep):
         reference = alone_logits(model, encoded[batch.rows[row]], [9])[-1]
         assert torch.allclose(out.logits[r, -1], reference, rtol=0, atol=tolerance(reference))
