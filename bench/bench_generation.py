@@ -51,8 +51,9 @@ def plain_prefill(prompts: list[list[int]], batch_size: int) -> tuple[int, int]:
 
 
 def shared_prefill(prompts: list[list[int]], batch_size: int, new_tokens: int) -> tuple[list, int, int, list[int]]:
-    """(the shared groups, prompt tokens prefilled, positions computed with padding) when each
-    batch encodes its distinct prefixes once, then every row's suffix; unshared prompts plainly."""
+    """(the shared groups, prompt tokens prefilled, positions computed with padding, questions per
+    shared batch) when each batch encodes its distinct prefixes once, then every row's suffix;
+    unshared prompts plainly."""
     from lorakit.inference.prefix_cache import group_by_prefix, prefix_batches
 
     groups = [g for g in group_by_prefix(prompts) if len(g.members) > 1]

@@ -108,18 +108,20 @@ def test_rows_that_read_their_passage_once_fill_the_cache_room_of_batch_size_pro
     room = 4 * (sum(lengths) / 30 + 8)  # the cache 4 average prompts with their answers would hold
     batches = prefix_batches(groups, 4, lengths=lengths, new_tokens=8)
     assert sorted(i for b in batches for i in b.rows) == list(range(30))
+
+    def held(batch):  # each passage once, each question's own tokens and its answer
+        return sum(g.length for g in batch.groups) + sum(lengths[i] - 100 + 8 for i in batch.rows)
+
     for batch in batches:
-        held = sum(g.length for g in batch.groups) + sum(lengths[i] - 100 + 8 for i in batch.rows)
-        assert held <= room
+        assert held(batch) <= room
         for row, g in zip(batch.rows, batch.row_group):
             assert row in batch.groups[g].members
     assert max(len(b.rows) for b in batches) > 4  # a passage counted once leaves room for more questions
     # full batches: the next row would not have fitted
     for batch, after in zip(batches, batches[1:]):
-        held = sum(g.length for g in batch.groups) + sum(lengths[i] - 100 + 8 for i in batch.rows)
         first = after.rows[0]
         extra = lengths[first] - 100 + 8 + (0 if after.groups[0] in batch.groups else 100)
-        assert held + extra > room
+        assert held(batch) + extra > room
     # a row larger than the room still gets a batch of its own; the row cap holds
     assert [b.rows for b in prefix_batches([PrefixGroup([0, 1], 100)], 1, lengths=[900, 900])] == [[0], [1]]
     many = prefix_batches([PrefixGroup(list(range(600)), 20)], 600, lengths=[21] * 600)
@@ -146,8 +148,8 @@ def test_shared_prefix_answers_equal_each_prompt_alone(llama, batch_size, read_o
     # each shared prefix went through the model once per batch it appears in, then only suffixes
     encoded = [encode_prompt(tokenizer, p) for p in PROMPTS]
     groups = [g for g in group_by_prefix(encoded) if len(g.members) > 1]
-    room = {"lengths": [len(e) for e in encoded], "new_tokens": MAX_NEW} if read_once else {}
-    batches = prefix_batches(groups, batch_size, **room)
+    lengths = [len(e) for e in encoded] if read_once else None  # as generate_batched batches them
+    batches = prefix_batches(groups, batch_size, lengths=lengths, new_tokens=MAX_NEW)
     prefixes = sum(g.length for b in batches for g in b.groups)
     total = sum(len(e) for e in encoded)
     assert counter.tokens == total - sum(g.length * len(g.members) for g in groups) + prefixes

@@ -127,7 +127,7 @@ def prefix_batches(
         used = 0.0
         for i, group in rows:
             cost = lengths[i] - group.length + new_tokens
-            if not any(group is g for _, g in piece):
+            if not piece or piece[-1][1] is not group:  # a group's rows are neighbours: its first row here
                 cost += group.length
             if piece and (used + cost > room or len(piece) == MAX_SHARED_ROWS):
                 pieces.append(piece)
